@@ -1,0 +1,113 @@
+"""The FastAPI application: routes, the error envelope, and the in-process worker and webhook threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sdserve import __version__
+from sdserve.api import fetch, images, system
+from sdserve.api.envelope import error_response
+from sdserve.api.state import ServerState
+from sdserve.engine.registry import ModelRegistry
+from sdserve.errors import InvalidRequest, SdserveError
+from sdserve.jobs.keys import KeyRing
+from sdserve.jobs.notify import CompletionBus
+from sdserve.jobs.store import JobStore
+from sdserve.jobs.webhooks import WebhookDispatcher
+from sdserve.settings import Settings
+from sdserve.storage.local import LocalStorage
+
+log = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings) -> ServerState:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.resolved_database_url)
+    store.create_schema()
+    return ServerState(
+        settings=settings,
+        store=store,
+        keys=KeyRing(store, settings.admin_key, settings.queue_limit_per_key),
+        registry=ModelRegistry(settings),
+        storage=LocalStorage(settings.outputs_dir),
+        bus=CompletionBus(),
+    )
+
+
+def _start_background(state: ServerState, stop: threading.Event) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(
+            target=WebhookDispatcher(state.settings, state.store).run, args=(stop,), name="webhooks", daemon=True
+        )
+    ]
+    if state.settings.in_process_worker:
+        from sdserve.engine.images import ImageEngine
+        from sdserve.jobs.worker import Worker
+
+        worker = Worker(
+            state.settings,
+            state.store,
+            ImageEngine(state.settings, state.registry),
+            state.storage,
+            state.bus,
+        )
+        threads.append(threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True))
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = build_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        threads = _start_background(state, stop)
+        yield
+        stop.set()
+        state.bus.work_available.set()
+        for thread in threads:
+            thread.join(timeout=30)
+
+    app = FastAPI(
+        title="sdserve",
+        version=__version__,
+        description="Self-hosted Stable Diffusion API, wire-compatible with ModelsLab "
+        "(stablediffusionapi.com). Every endpoint takes a JSON body with your `key`.",
+        lifespan=lifespan,
+    )
+    app.state.sdserve = state
+
+    @app.exception_handler(SdserveError)
+    async def _sdserve_error(_request: Request, exc: SdserveError):
+        return error_response(exc, settings)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        message = "Not found" if exc.status_code == 404 else str(exc.detail)
+        body = {"status": "error", "message": message, "messege": message}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, _exc: RequestValidationError):
+        return error_response(InvalidRequest("Invalid API Request"), settings)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        error = SdserveError("Internal server error. Please try again.")
+        error.http_status = 500
+        return error_response(error, settings)
+
+    app.include_router(images.router)
+    app.include_router(fetch.router)
+    app.include_router(system.router)
+    return app

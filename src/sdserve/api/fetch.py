@@ -1,0 +1,67 @@
+"""Every fetch form of reference §1.4 / §14.5, over POST and GET: one id space, one handler."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.serving import job_response
+from sdserve.api.state import get_state
+from sdserve.errors import JobNotFound
+
+router = APIRouter(tags=["fetch"])
+
+ID_PATHS = [
+    "/api/v3/fetch/{job_id}",
+    "/api/v3/dreambooth/fetch/{job_id}",
+    "/api/v4/dreambooth/fetch/{job_id}",
+    "/api/v5/fetch/{job_id}",
+    "/api/v5/images/fetch/{job_id}",
+    "/api/v6/images/fetch/{job_id}",
+    "/api/v6/realtime/fetch/{job_id}",
+    "/api/v6/video/fetch/{job_id}",
+    "/api/v6/image_editing/fetch/{job_id}",
+    "/api/v6/3d/fetch/{job_id}",
+    "/api/v1/enterprise/fetch/{job_id}",
+    "/api/v1/enterprise/{product}/fetch/{job_id}",
+]
+REQUEST_ID_PATHS = [
+    "/api/v4/dreambooth/fetch",
+    "/api/v6/images/fetch",
+    "/api/v1/enterprise/fetch",
+]
+
+
+def _parse_id(value) -> int:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        raise JobNotFound() from None
+
+
+async def _fetch(request: Request, raw_id) -> dict:
+    state = get_state(request)
+    body = await read_json_body(request, state.settings)
+    principal = authenticate(request, body, state.keys)
+    if raw_id is None:
+        raw_id = body.get("request_id", body.get("id", request.query_params.get("request_id")))
+    job_id = _parse_id(raw_id)
+    job = await run_in_threadpool(state.store.get, job_id, principal.owner)
+    return await run_in_threadpool(job_response, state, job)
+
+
+async def fetch_by_path(request: Request, job_id: str):
+    return await _fetch(request, job_id)
+
+
+async def fetch_by_request_id(request: Request):
+    return await _fetch(request, None)
+
+
+for _path in ID_PATHS:
+    router.add_api_route(_path, fetch_by_path, methods=["POST", "GET"], summary="Fetch a job")
+for _path in REQUEST_ID_PATHS:
+    router.add_api_route(
+        _path, fetch_by_request_id, methods=["POST", "GET"], summary="Fetch a job by request_id"
+    )

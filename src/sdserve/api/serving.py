@@ -1,0 +1,109 @@
+"""Turns a validated request into a queued job, then waits briefly for it (the request-to-job step)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.state import ServerState
+from sdserve.engine.prompts import enhance_prompt
+from sdserve.engine.schedulers import resolve_scheduler_name
+from sdserve.jobs.keys import Principal
+from sdserve.jobs.store import JobView
+from sdserve.media.images import encode_png, load_image_input
+from sdserve.schemas.images import (
+    Family,
+    Kind,
+    build_meta,
+    normalize_image_request,
+    parse_image_request,
+)
+from sdserve.schemas.responses import job_body
+
+_POLL_SECONDS = 0.25  # re-check for workers in other processes, which cannot wake us
+
+
+async def submit_image_job(
+    state: ServerState, principal: Principal, body: dict[str, Any], kind: Kind, family: Family
+) -> dict[str, Any]:
+    settings = state.settings
+    req = parse_image_request(body)
+    model_id = req.model_id if family in ("community", "images") and req.model_id else None
+    params = normalize_image_request(
+        req, kind, family, settings, model_id=model_id or settings.default_model
+    )
+    if params.enhance_prompt:
+        params.prompt, params.negative_prompt = enhance_prompt(params.prompt, params.negative_prompt)
+
+    # Everything that can be checked before queueing is checked now, so a bad request is an
+    # immediate error, never a failed job.
+    source = state.registry.resolve(params.model_id)
+    state.registry.check_available(source)
+    choice = resolve_scheduler_name(params.scheduler, params.use_karras_sigmas, params.algorithm_type)
+    for lora_id, _ in params.loras:
+        state.registry.resolve_lora(lora_id)
+    if params.embeddings_model:
+        state.registry.resolve_embedding(params.embeddings_model)
+    if params.vae:
+        state.registry.resolve_vae(params.vae)
+
+    input_keys = {}
+    for field in ("init_image", "mask_image"):
+        value = getattr(req, field)
+        if value and kind != "text2img" and (field == "init_image" or kind == "inpaint"):
+            image = await load_image_input(value, field, settings)
+            key = f"inputs/{params.file_prefix}/{field}.png"
+            await run_in_threadpool(state.storage.put, key, encode_png(image))
+            input_keys[field] = key
+
+    model_label = source.location if source.kind == "hub" else params.model_id
+    stored = params.model_dump(mode="json")
+    stored["meta"] = build_meta(params, model_label=model_label, scheduler=choice.class_name)
+    stored["output_keys"] = [f"{params.output_folder}/{name}" for name in params.output_names()]
+    stored["input_keys"] = input_keys
+
+    job = await run_in_threadpool(
+        state.store.submit,
+        kind=kind,
+        family=family,
+        model_id=params.model_id,
+        batch_key=params.batch_key,
+        owner=principal.owner,
+        params=stored,
+        total_steps=params.steps,
+        cost=params.cost,
+        track_id=None if params.track_id is None else str(params.track_id),
+        webhook=params.webhook,
+        queue_limit=principal.queue_limit,
+    )
+    state.bus.work_available.set()
+    wait = 0.0 if params.instant_response else settings.sync_wait_seconds
+    return await respond_when_done(state, job, wait)
+
+
+async def respond_when_done(state: ServerState, job: JobView, wait_seconds: float) -> dict[str, Any]:
+    """`success` if the job ends within `wait_seconds`, else `processing` with eta and fetch_result."""
+    deadline = time.monotonic() + wait_seconds
+    event = state.bus.subscribe(job.id)
+    try:
+        while job.status in ("queued", "processing"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(event.wait(), timeout=min(remaining, _POLL_SECONDS))
+            except TimeoutError:
+                pass
+            event.clear()
+            job = await run_in_threadpool(state.store.get, job.id)
+    finally:
+        state.bus.unsubscribe(job.id, event)
+    return await run_in_threadpool(job_response, state, job)
+
+
+def job_response(state: ServerState, job: JobView) -> dict[str, Any]:
+    info = state.store.queue_info(job) if job.status in ("queued", "processing") else None
+    return job_body(job, info, state.settings.base_url)

@@ -1,0 +1,183 @@
+"""Runs image jobs (text2img / img2img / inpaint) on diffusers pipelines: LoRA, embeddings, VAE, NSFW."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
+from PIL import Image
+
+from sdserve.engine.prompts import encode_prompts
+from sdserve.engine.registry import ModelRegistry, ResidencyCache
+from sdserve.engine.safety import NsfwChecker, replace_nsfw
+from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
+from sdserve.errors import EngineError
+from sdserve.schemas.images import GenerationParams
+from sdserve.settings import Settings
+
+_TASK_PIPELINES = {
+    "text2img": AutoPipelineForText2Image,
+    "img2img": AutoPipelineForImage2Image,
+    "inpaint": AutoPipelineForInpainting,
+}
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class ImageResult:
+    images: list[Image.Image]
+    nsfw: list[bool]
+    scheduler: str
+    pipeline_seconds: float  # the diffusers pipeline call alone
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting != "auto":
+        return torch.device(setting)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ImageEngine:
+    """Owns loaded pipelines. Not thread-safe by design: one worker thread drives one engine."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry):
+        self.settings = settings
+        self.registry = registry
+        self.device = pick_device(settings.device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.cache = ResidencyCache(settings.residency_budget_mb * 1024 * 1024)
+        self._nsfw = NsfwChecker(settings.nsfw_threshold)
+        self._lock = threading.Lock()
+
+    def pipeline(self, model_id: str) -> DiffusionPipeline:
+        source = self.registry.resolve(model_id)
+        return self.cache.get(model_id, lambda: self.registry.load(source, self.device, self.dtype))
+
+    def generate(
+        self,
+        p: GenerationParams,
+        init_image: Image.Image | None,
+        mask_image: Image.Image | None,
+        on_step: StepCallback | None = None,
+    ) -> ImageResult:
+        with self._lock:
+            base = self.pipeline(p.model_id)
+            self._apply_loras(base, p.loras)
+            if p.embeddings_model:
+                self._ensure_embedding(base, p.embeddings_model)
+
+            # 1. per-job components: a fresh scheduler (they are stateful) and an optional VAE
+            choice = resolve_scheduler_name(p.scheduler, p.use_karras_sigmas, p.algorithm_type)
+            overrides = {"scheduler": make_scheduler(base.scheduler.config, choice)}
+            if p.vae:
+                overrides["vae"] = self.registry.load_vae(
+                    self.registry.resolve_vae(p.vae), base.vae, self.dtype
+                ).to(self.device)
+            pipe = _TASK_PIPELINES[p.kind].from_pipe(base, **overrides)
+            pipe.set_progress_bar_config(disable=True)
+
+            # 2. prompts, with A1111 weighting and no 77-token limit
+            embeds = encode_prompts(
+                pipe, [p.prompt] * p.samples, [p.negative_prompt] * p.samples, p.clip_skip
+            )
+
+            # 3. one generator per sample, so a sample's pixels depend only on its own seed
+            generators = [torch.Generator("cpu").manual_seed(p.seed + i) for i in range(p.samples)]
+
+            kwargs = dict(
+                num_inference_steps=p.steps,
+                guidance_scale=p.guidance_scale,
+                generator=generators,
+                output_type="pil",
+                **embeds,
+            )
+            if p.kind == "text2img":
+                kwargs.update(width=p.width, height=p.height)
+            else:
+                kwargs.update(image=_fit(init_image, p), strength=p.strength)
+            if p.kind == "inpaint":
+                kwargs.update(mask_image=_fit(mask_image, p).convert("L"), width=p.width, height=p.height)
+
+            # 4. denoise, reporting each step
+            if on_step is not None:
+                kwargs["callback_on_step_end"] = _step_reporter(on_step)
+            started = time.perf_counter()
+            try:
+                images = pipe(**kwargs).images
+            except JobCancelled:
+                raise
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise EngineError(f"Generation failed: {exc}") from exc
+            pipeline_seconds = time.perf_counter() - started
+
+        # 5. NSFW check and replacement
+        nsfw = [False] * len(images)
+        if p.safety_checker:
+            nsfw = [self._nsfw.is_nsfw(image) for image in images]
+            images = [
+                replace_nsfw(image, p.safety_checker_type) if flagged else image
+                for image, flagged in zip(images, nsfw)
+            ]
+        return ImageResult(images, nsfw, choice.class_name, pipeline_seconds)
+
+    def _apply_loras(self, pipe: DiffusionPipeline, loras: list[tuple[str, float]]) -> None:
+        loaded = set(pipe.get_list_adapters().get("unet", [])) if hasattr(pipe, "get_list_adapters") else set()
+        if not loras:
+            if loaded:
+                pipe.disable_lora()
+            return
+        names = []
+        for lora_id, _ in loras:
+            name = _adapter_name(lora_id)
+            if name not in loaded:
+                path = self.registry.resolve_lora(lora_id)
+                try:
+                    pipe.load_lora_weights(str(path), adapter_name=name)
+                except Exception as exc:
+                    raise EngineError(f"LoRA {lora_id} could not be loaded: {exc}") from exc
+            names.append(name)
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
+
+    def _ensure_embedding(self, pipe: DiffusionPipeline, embedding_id: str) -> None:
+        done = pipe.__dict__.setdefault("_sdserve_embeddings", set())
+        if embedding_id in done:
+            return
+        path = self.registry.resolve_embedding(embedding_id)
+        try:
+            pipe.load_textual_inversion(str(path), token=embedding_id)
+        except Exception as exc:
+            raise EngineError(f"Embedding {embedding_id} could not be loaded: {exc}") from exc
+        done.add(embedding_id)
+
+
+def _adapter_name(lora_id: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in lora_id)
+
+
+def _fit(image: Image.Image, p: GenerationParams) -> Image.Image:
+    return image.convert("RGB").resize((p.width, p.height), Image.LANCZOS)
+
+
+def _step_reporter(on_step: StepCallback):
+    def callback(pipe, step_index, _timestep, callback_kwargs):
+        on_step(step_index + 1, pipe.num_timesteps)
+        return callback_kwargs
+
+    return callback

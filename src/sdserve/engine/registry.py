@@ -1,0 +1,263 @@
+"""Which model a `model_id` names (built-in, Hugging Face repo, local folder, single file) and loading it.
+
+Resolution order for a model_id: built-in tiny models; entries of `DATA/models.json`; a diffusers
+folder `DATA/models/<id>/` or a file `DATA/models/<id>.safetensors|.ckpt`; the catalogue of public
+hub ids below. LoRAs, textual-inversion embeddings and VAEs live in `DATA/loras`,
+`DATA/embeddings` and `DATA/vae` under their id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, AutoPipelineForText2Image, DiffusionPipeline
+
+from sdserve.engine import tiny
+from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
+from sdserve.settings import Settings
+
+# Public ids of the hosted API's catalogue that map to well-known hub repos.
+HUB_CATALOGUE = {
+    "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-2.1": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+    "midjourney": "prompthero/openjourney",
+    "openjourney": "prompthero/openjourney",
+    "realistic-vision-v51": "SG161222/Realistic_Vision_V5.1_noVAE",
+    "dreamshaper-8": "Lykon/dreamshaper-8",
+}
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str
+    kind: Literal["builtin", "hub", "folder", "file"]
+    location: str  # repo id, folder or file path
+    config: str | None = None  # config folder for single files, if not the shipped one
+
+
+def _safe_id(value: str, what: str) -> str:
+    if not _ID_PATTERN.match(value) or ".." in value or value.startswith("/"):
+        raise ValidationFailed({what: [f"The {what} is not a valid id."]})
+    return value
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.data_dir = settings.data_dir
+
+    # ---- resolution (cheap, done at submit time) -------------------------------------------
+
+    def _user_catalogue(self) -> dict[str, dict]:
+        path = self.data_dir / "models.json"
+        if not path.exists():
+            return {}
+        return json.loads(path.read_text())
+
+    def resolve(self, model_id: str) -> ModelSource:
+        _safe_id(model_id, "model_id")
+        if model_id in tiny.TINY_MODELS:
+            return ModelSource(model_id, "builtin", model_id)
+        entry = self._user_catalogue().get(model_id)
+        if entry is not None:
+            return self._source_from_entry(model_id, entry)
+        folder = self.settings.models_dir / model_id
+        if (folder / "model_index.json").exists():
+            return ModelSource(model_id, "folder", str(folder))
+        for suffix in _CHECKPOINT_SUFFIXES:
+            file = self.settings.models_dir / f"{model_id}{suffix}"
+            if file.is_file():
+                return ModelSource(model_id, "file", str(file))
+        if model_id in HUB_CATALOGUE:
+            return ModelSource(model_id, "hub", HUB_CATALOGUE[model_id])
+        raise ModelNotFound(model_id)
+
+    @staticmethod
+    def _source_from_entry(model_id: str, entry: dict) -> ModelSource:
+        source = str(entry["source"])
+        config = entry.get("config")
+        if source.startswith("hf:"):
+            return ModelSource(model_id, "hub", source[3:])
+        path = Path(source)
+        if path.is_dir():
+            return ModelSource(model_id, "folder", str(path), config)
+        return ModelSource(model_id, "file", str(path), config)
+
+    def check_available(self, source: ModelSource) -> None:
+        """Raise ModelUnavailable now, at submit, for a model whose weights cannot be had."""
+        if source.kind in ("folder", "file") and not Path(source.location).exists():
+            raise ModelUnavailable(f"Model {source.model_id} points to {source.location}, which does not exist")
+        if source.kind == "hub" and self._offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source.location, "model_index.json")
+            if not isinstance(cached, str):
+                raise ModelUnavailable(
+                    f"Model {source.model_id} ({source.location} on the Hugging Face hub) is not "
+                    "downloaded and this server is offline. On a machine with internet access run "
+                    f"`huggingface-cli download {source.location}`, or put a diffusers folder at "
+                    f"{self.settings.models_dir / source.model_id} or a single .safetensors file at "
+                    f"{self.settings.models_dir / source.model_id}.safetensors"
+                )
+
+    def _offline(self) -> bool:
+        import os
+
+        return self.settings.offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes")
+
+    def list_models(self) -> list[dict]:
+        ids: dict[str, str] = {mid: "builtin" for mid in tiny.TINY_MODELS}
+        ids.update({mid: "catalogue" for mid in self._user_catalogue()})
+        models_dir = self.settings.models_dir
+        if models_dir.is_dir():
+            for child in sorted(models_dir.iterdir()):
+                if child.name.startswith("."):
+                    continue
+                if (child / "model_index.json").exists() and child.name not in ids:
+                    ids[child.name] = "folder"
+                elif child.suffix in _CHECKPOINT_SUFFIXES:
+                    ids.setdefault(child.stem, "file")
+        for mid in HUB_CATALOGUE:
+            ids.setdefault(mid, "hub")
+        return [{"model_id": mid, "source": kind} for mid, kind in ids.items()]
+
+    def resolve_lora(self, lora_id: str) -> Path:
+        return self._asset("loras", lora_id, "lora_model", (".safetensors",), "LoRA")
+
+    def resolve_embedding(self, embedding_id: str) -> Path:
+        return self._asset(
+            "embeddings", embedding_id, "embeddings_model", (".safetensors", ".pt", ".bin"), "Embedding"
+        )
+
+    def resolve_vae(self, vae_id: str) -> Path:
+        return self._asset("vae", vae_id, "vae", (".safetensors", ".ckpt"), "VAE", folders=True)
+
+    def _asset(
+        self, folder: str, asset_id: str, field: str, suffixes: tuple[str, ...], label: str, folders: bool = False
+    ) -> Path:
+        _safe_id(asset_id, field)
+        base = self.data_dir / folder
+        if folders and (base / asset_id / "config.json").exists():
+            return base / asset_id
+        for suffix in suffixes:
+            if (base / f"{asset_id}{suffix}").is_file():
+                return base / f"{asset_id}{suffix}"
+        if (base / asset_id).is_dir():
+            for suffix in suffixes:
+                found = sorted((base / asset_id).glob(f"*{suffix}"))
+                if found:
+                    return found[0]
+        raise ValidationFailed({field: [f"{label} model not found: {asset_id}"]})
+
+    # ---- loading (in the worker) -----------------------------------------------------------
+
+    def load(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
+        self.check_available(source)
+        try:
+            if source.kind == "builtin":
+                folder = tiny.ensure_tiny_model(source.model_id, self.settings.models_dir)
+                pipe = AutoPipelineForText2Image.from_pretrained(folder, dtype=dtype)
+            elif source.kind == "folder":
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    source.location, dtype=dtype, safety_checker=None, requires_safety_checker=False
+                )
+            elif source.kind == "file":
+                from sdserve.engine.checkpoints import load_single_file
+
+                config = Path(source.config) if source.config else None
+                pipe = load_single_file(Path(source.location), config_dir=config, torch_dtype=dtype)
+            else:
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    source.location,
+                    dtype=dtype,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                    local_files_only=self._offline(),
+                )
+        except (ModelUnavailable, ModelNotFound):
+            raise
+        except Exception as exc:  # a broken download or file: say which model and why
+            raise ModelUnavailable(f"Model {source.model_id} could not be loaded: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    def load_vae(self, path: Path, like: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
+        try:
+            if path.is_dir():
+                return AutoencoderKL.from_pretrained(path, dtype=dtype)
+            return AutoencoderKL.from_single_file(path, config=_config_folder(like), dtype=dtype)
+        except Exception as exc:
+            raise ModelUnavailable(f"VAE {path.stem} could not be loaded: {exc}") from exc
+
+
+def _config_folder(model) -> str:
+    """A temporary folder holding `model`'s config, for diffusers loaders that want a path."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sdserve-config-"))
+    model.save_config(folder)
+    return str(folder)
+
+
+class ResidencyCache:
+    """Keeps the most recently used pipelines loaded, within a memory budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, tuple[DiffusionPipeline, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, key: str, load) -> DiffusionPipeline:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+        pipe = load()
+        size = _pipeline_bytes(pipe)
+        with self._lock:
+            self.loads += 1
+            self._items[key] = (pipe, size)
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and sum(s for _, s in self._items.values()) > self.budget_bytes:
+                self._items.popitem(last=False)
+        _free_device_memory()
+        return pipe
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+        _free_device_memory()
+
+
+def _pipeline_bytes(pipe: DiffusionPipeline) -> int:
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(p.numel() * p.element_size() for p in component.parameters())
+    return total
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

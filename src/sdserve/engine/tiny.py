@@ -1,0 +1,181 @@
+"""Built-in offline models: real diffusers SD / SDXL layouts with tiny, deterministic random weights.
+
+They make noise, not pictures. They exist so the server, its tests and its quick start work with
+no downloads; they are saved as ordinary diffusers folders and loaded by the same code as real
+models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TINY_MODELS = ("tiny-sd", "tiny-sdxl")
+_SEED = 0
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte-to-character table of CLIP's byte-level BPE (same as transformers').
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_char_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(
+        vocab={tok: i for i, tok in enumerate(vocab)},
+        merges=[],
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _text_config(vocab_size: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        **extra,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    # Four blocks, like SD's VAE, so latents are 1/8 of the image size as in real models.
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+def _build_tiny_sd(tmp: Path) -> StableDiffusionPipeline:
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = _vae()
+    tokenizer = write_char_tokenizer(tmp / "tokenizer")
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sdxl(tmp: Path) -> StableDiffusionXLPipeline:
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+    vae = _vae()
+    tokenizer = write_char_tokenizer(tmp / "tokenizer")
+    tokenizer_2 = write_char_tokenizer(tmp / "tokenizer_2", pad_token="!")
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), hidden_act="gelu", projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(len(tokenizer_2), hidden_act="gelu", projection_dim=32)
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=_scheduler(),
+    )
+
+
+_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl}
+
+
+def ensure_tiny_model(model_id: str, models_dir: Path) -> Path:
+    """Build the tiny model into `models_dir/model_id` once; return the diffusers folder."""
+    folder = models_dir / model_id
+    if (folder / "model_index.json").exists():
+        return folder
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir))
+    try:
+        pipe = _BUILDERS[model_id](staging / "tokenizers")
+        pipe.save_pretrained(staging / "model", safe_serialization=True)
+        try:
+            os.replace(staging / "model", folder)
+        except OSError:
+            if not (folder / "model_index.json").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

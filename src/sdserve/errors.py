@@ -1,0 +1,98 @@
+"""Named errors raised inside sdserve; `sdserve.api.envelope` turns them into ModelsLab error bodies."""
+
+from __future__ import annotations
+
+
+class SdserveError(Exception):
+    """Base class: `message` is what the client reads; `http_status` is used by the `http` status policy."""
+
+    http_status = 400
+
+    def __init__(self, message: str, *, tip: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.tip = tip
+
+
+class InvalidKey(SdserveError):
+    http_status = 401
+
+    def __init__(self, message: str = "Invalid Api Key"):
+        super().__init__(
+            message,
+            tip="1. Make sure you are passing Content-Type: application/json in header. "
+            "2. Make sure you are doing POST request. 3. Make sure your request body is valid JSON. "
+            "4. Make sure your API key is valid.",
+        )
+
+
+class InvalidRequest(SdserveError):
+    """The body is not JSON, not an object, or too large."""
+
+
+class ValidationFailed(SdserveError):
+    """Field-level problems, reported as a field -> list of messages map (Laravel style)."""
+
+    http_status = 422
+
+    def __init__(self, fields: dict[str, list[str]]):
+        super().__init__("; ".join(m for msgs in fields.values() for m in msgs))
+        self.fields = fields
+
+
+class ModelNotFound(SdserveError):
+    http_status = 404
+
+    def __init__(self, model_id: str):
+        super().__init__("Model not found")
+        self.model_id = model_id
+
+
+class ModelUnavailable(SdserveError):
+    """The model is known but its weights cannot be had here (offline, missing file)."""
+
+    http_status = 503
+
+
+class JobNotFound(SdserveError):
+    http_status = 404
+
+    def __init__(self, message: str = "Request not found"):
+        super().__init__(message)
+
+
+class RateLimited(SdserveError):
+    http_status = 429
+
+    def __init__(self, limit: int, retry_after: int = 30):
+        super().__init__(f"Rate limit exceeded. Maximum {limit} queued requests allowed.")
+        self.retry_after = retry_after
+
+
+class BadImage(SdserveError):
+    """An input image that cannot be fetched, decoded, or is over the limits."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class SchedulerNotSupported(SdserveError):
+    def __init__(self, name: str, supported: list[str]):
+        super().__init__(
+            f"Scheduler {name!r} cannot be used with latent diffusion models. "
+            f"Use one of: {', '.join(supported)}"
+        )
+        self.supported = supported
+
+
+class EngineError(SdserveError):
+    """A generation failed inside the engine; the job is marked failed with this message."""
+
+    http_status = 500
+
+
+class StoreUnavailable(SdserveError):
+    """The job database cannot be reached right now."""
+
+    http_status = 503

@@ -1,0 +1,363 @@
+"""The durable job queue: submit, claim batches under a lease, progress, completion, ETA, webhooks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
+from sdserve.jobs.db import Base, Job, StepTiming, WebhookDelivery
+
+ADMIN_OWNER = "admin"
+_DEFAULT_SECONDS_PER_UNIT = 0.1  # until a model has been measured
+_TIMING_SMOOTHING = 0.3
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A detached snapshot of a job row."""
+
+    id: int
+    kind: str
+    family: str
+    status: str
+    model_id: str
+    batch_key: str
+    owner: str
+    params: dict
+    result: dict | None
+    error: str | None
+    step: int
+    total_steps: int
+    cost: float
+    track_id: str | None
+    webhook: str | None
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    generation_time: float | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        return cls(**{name: getattr(job, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    position: int  # jobs ahead in the queue (0 = next or running)
+    eta: float  # seconds until this job is expected to finish
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Let SQLAlchemy drive transactions; WAL lets readers run beside the one writer.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # Writers take the lock up front so two claimers never both read the same queued rows.
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class JobStore:
+    def __init__(self, database_url: str):
+        self.is_sqlite = database_url.startswith("sqlite")
+        kwargs = {"connect_args": {"timeout": 30, "check_same_thread": False}} if self.is_sqlite else {
+            "pool_pre_ping": True
+        }
+        self.engine = create_engine(database_url, **kwargs)
+        if self.is_sqlite:
+            _sqlite_setup(self.engine)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
+        )
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self, write: bool = False) -> Iterator[Session]:
+        try:
+            with (self._write if write else self._read)() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            raise StoreUnavailable(f"Job store unavailable: {exc.orig}") from exc
+
+    # ---- submit and read -------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        kind: str,
+        family: str,
+        model_id: str,
+        batch_key: str,
+        owner: str,
+        params: dict,
+        total_steps: int,
+        cost: float,
+        track_id: str | None,
+        webhook: str | None,
+        queue_limit: int | None,
+    ) -> JobView:
+        with self.session(write=True) as s:
+            if queue_limit is not None:
+                waiting = s.scalar(
+                    select(func.count(Job.id)).where(
+                        Job.owner == owner, Job.status.in_(("queued", "processing"))
+                    )
+                )
+                if waiting >= queue_limit:
+                    raise RateLimited(queue_limit)
+            job = Job(
+                kind=kind,
+                family=family,
+                status="queued",
+                model_id=model_id,
+                batch_key=batch_key,
+                owner=owner,
+                params=params,
+                total_steps=total_steps,
+                cost=cost,
+                track_id=track_id,
+                webhook=webhook,
+                created_at=time.time(),
+            )
+            s.add(job)
+            s.flush()
+            return JobView.of(job)
+
+    def get(self, job_id: int, owner: str | None = None) -> JobView:
+        """The job, if `owner` may see it (None or the admin sees all). Others get JobNotFound."""
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or (owner not in (None, ADMIN_OWNER) and job.owner != owner):
+                raise JobNotFound()
+            return JobView.of(job)
+
+    def queue_info(self, job: JobView) -> QueueInfo:
+        """Position and ETA from the work ahead of this job and measured seconds per unit."""
+        with self.session() as s:
+            rate = self._seconds_per_unit(s, job.model_id)
+            if job.status == "processing":
+                remaining = 1 - (job.step / job.total_steps if job.total_steps else 0)
+                return QueueInfo(0, round(rate * job.cost * remaining, 2))
+            ahead, ahead_cost = s.execute(
+                select(func.count(Job.id), func.coalesce(func.sum(Job.cost), 0.0)).where(
+                    Job.status == "queued", Job.id < job.id
+                )
+            ).one()
+            running = s.scalar(
+                select(func.coalesce(func.sum(Job.cost), 0.0)).where(Job.status == "processing")
+            )
+            eta = rate * (ahead_cost + running + job.cost)
+            return QueueInfo(int(ahead), round(eta, 2))
+
+    def queue_stats(self) -> tuple[int, float]:
+        """(jobs waiting, seconds of work waiting) for `system_load`."""
+        with self.session() as s:
+            count, cost = s.execute(
+                select(func.count(Job.id), func.coalesce(func.sum(Job.cost), 0.0)).where(
+                    Job.status.in_(("queued", "processing"))
+                )
+            ).one()
+            return int(count), cost * self._seconds_per_unit(s, None)
+
+    def _seconds_per_unit(self, s: Session, model_id: str | None) -> float:
+        query = select(StepTiming.seconds_per_unit)
+        if model_id is not None:
+            found = s.scalar(query.where(StepTiming.model_id == model_id))
+        else:
+            found = s.scalar(select(func.avg(StepTiming.seconds_per_unit)))
+        return found or _DEFAULT_SECONDS_PER_UNIT
+
+    def record_timing(self, model_id: str, seconds_per_unit: float) -> None:
+        with self.session(write=True) as s:
+            row = s.get(StepTiming, model_id)
+            if row is None:
+                s.add(StepTiming(model_id=model_id, seconds_per_unit=seconds_per_unit, updated_at=time.time()))
+            else:
+                row.seconds_per_unit += _TIMING_SMOOTHING * (seconds_per_unit - row.seconds_per_unit)
+                row.updated_at = time.time()
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    def claim_batch(self, worker_id: str, max_size: int, lease_seconds: float) -> list[JobView]:
+        """Lease the oldest claimable job and up to `max_size - 1` more with the same batch_key.
+
+        Claimable: queued, or processing under an expired lease (its worker died).
+        """
+        now = time.time()
+        claimable = (Job.status == "queued") | (
+            (Job.status == "processing") & (Job.lease_expires < now)
+        )
+        with self.session(write=True) as s:
+            first = s.scalars(
+                select(Job).where(claimable).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
+            ).first()
+            if first is None:
+                return []
+            jobs = [first] + list(
+                s.scalars(
+                    select(Job)
+                    .where(claimable, Job.batch_key == first.batch_key, Job.id != first.id)
+                    .order_by(Job.id)
+                    .limit(max_size - 1)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for job in jobs:
+                job.status = "processing"
+                job.lease_owner = worker_id
+                job.lease_expires = now + lease_seconds
+                job.attempts += 1
+                job.started_at = now
+                job.step = 0
+            return [JobView.of(job) for job in jobs]
+
+    def fail_exhausted(self, max_attempts: int) -> list[int]:
+        """Fail jobs whose lease expired after `max_attempts` claims (they keep killing workers)."""
+        now = time.time()
+        with self.session(write=True) as s:
+            jobs = s.scalars(
+                select(Job).where(
+                    Job.status == "processing", Job.lease_expires < now, Job.attempts >= max_attempts
+                )
+            ).all()
+            for job in jobs:
+                self._finish(job, "failed", None, f"Failed after {job.attempts} attempts", now)
+            return [job.id for job in jobs]
+
+    def heartbeat(self, worker_id: str, job_ids: list[int], lease_seconds: float) -> None:
+        with self.session(write=True) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing")
+                .values(lease_expires=time.time() + lease_seconds)
+            )
+
+    def report_progress(self, worker_id: str, job_id: int, step: int, lease_seconds: float) -> None:
+        with self.session(write=True) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "processing")
+                .values(step=step, lease_expires=time.time() + lease_seconds)
+            )
+
+    def complete(self, job_id: int, worker_id: str, result: dict, generation_time: float) -> bool:
+        """Record success. False if this worker lost the lease and the job ended elsewhere."""
+        with self.session(write=True) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status != "processing" or job.lease_owner != worker_id:
+                return False
+            job.generation_time = generation_time
+            job.step = job.total_steps
+            self._finish(job, "success", result, None, time.time())
+            return True
+
+    def fail(self, job_id: int, worker_id: str, message: str) -> bool:
+        with self.session(write=True) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status != "processing" or job.lease_owner != worker_id:
+                return False
+            self._finish(job, "failed", None, message, time.time())
+            return True
+
+    def requeue(self, job_ids: list[int], worker_id: str) -> None:
+        """Give jobs back to the queue (a draining worker, or a retryable failure)."""
+        with self.session(write=True) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing")
+                .values(status="queued", lease_owner=None, lease_expires=None, step=0)
+            )
+
+    @staticmethod
+    def _finish(job: Job, status: str, result: dict | None, error: str | None, now: float) -> None:
+        job.status = status
+        job.result = result
+        job.error = error
+        job.finished_at = now
+        job.lease_owner = None
+        job.lease_expires = None
+        if job.webhook:
+            job.webhook_state = "pending"
+            job.webhook_next_at = now
+
+    # ---- webhooks --------------------------------------------------------------------------
+
+    def claim_webhooks(self, limit: int, hold_seconds: float) -> list[JobView]:
+        """Jobs whose webhook is due; pushes their next time forward so no one else sends now."""
+        now = time.time()
+        with self.session(write=True) as s:
+            jobs = s.scalars(
+                select(Job)
+                .where(Job.webhook_state == "pending", Job.webhook_next_at <= now)
+                .order_by(Job.webhook_next_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in jobs:
+                job.webhook_next_at = now + hold_seconds
+            return [JobView.of(job) for job in jobs]
+
+    def record_webhook_attempt(
+        self,
+        job_id: int,
+        url: str,
+        status_code: int | None,
+        error: str | None,
+        ok: bool,
+        max_attempts: int,
+        backoff_seconds: float,
+    ) -> None:
+        now = time.time()
+        with self.session(write=True) as s:
+            attempt = 1 + s.scalar(
+                select(func.count(WebhookDelivery.id)).where(WebhookDelivery.job_id == job_id)
+            )
+            s.add(
+                WebhookDelivery(
+                    job_id=job_id,
+                    attempt=attempt,
+                    url=url,
+                    sent_at=now,
+                    status_code=status_code,
+                    error=error,
+                    ok=ok,
+                )
+            )
+            job = s.get(Job, job_id)
+            if ok:
+                job.webhook_state = "delivered"
+            elif attempt >= max_attempts:
+                job.webhook_state = "gave_up"
+            else:
+                job.webhook_next_at = now + backoff_seconds * 2 ** (attempt - 1)
+
+    def webhook_deliveries(self, job_id: int) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(WebhookDelivery.id)
+            ).all()
+            return [
+                {"attempt": r.attempt, "status_code": r.status_code, "error": r.error, "ok": r.ok}
+                for r in rows
+            ]

@@ -1,0 +1,61 @@
+"""Webhook delivery: POST the final job object plus track_id, retried with backoff, every attempt recorded."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import httpx
+
+from sdserve.jobs.store import JobStore
+from sdserve.schemas.responses import job_body
+from sdserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class WebhookDispatcher:
+    """Runs in its own thread so a slow receiver never blocks a worker.
+
+    Delivery state lives on the job row, so a webhook owed by a process that died is sent by
+    any other process running a dispatcher.
+    """
+
+    def __init__(self, settings: Settings, store: JobStore):
+        self._settings = settings
+        self._store = store
+        self._client = httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False)
+
+    def deliver_due(self) -> int:
+        jobs = self._store.claim_webhooks(limit=16, hold_seconds=self._settings.webhook_timeout + 5)
+        for job in jobs:
+            payload = job_body(job, None, self._settings.base_url)
+            status_code, error, ok = None, None, False
+            try:
+                response = self._client.post(job.webhook, json=payload)
+                status_code = response.status_code
+                ok = 200 <= status_code < 300
+                if not ok:
+                    error = f"HTTP {status_code}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            self._store.record_webhook_attempt(
+                job.id,
+                job.webhook,
+                status_code,
+                error,
+                ok,
+                self._settings.webhook_max_attempts,
+                self._settings.webhook_backoff_seconds,
+            )
+        return len(jobs)
+
+    def run(self, stop: threading.Event, interval: float = 0.25) -> None:
+        while not stop.is_set():
+            try:
+                if self.deliver_due():
+                    continue
+            except Exception:  # never let a bad row or a DB blip kill the thread
+                log.exception("webhook delivery loop error")
+            stop.wait(interval)
+        self._client.close()

@@ -1,0 +1,165 @@
+"""The worker loop: claim a batch of compatible jobs, run them on the engine, store outputs, finish."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from PIL import Image
+
+from sdserve.engine.images import ImageEngine
+from sdserve.errors import SdserveError
+from sdserve.jobs.notify import CompletionBus
+from sdserve.jobs.store import JobStore, JobView
+from sdserve.schemas.images import GenerationParams
+from sdserve.settings import Settings
+from sdserve.storage.local import LocalStorage
+
+log = logging.getLogger(__name__)
+_PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
+_MAINTENANCE_INTERVAL = 30.0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        engine: ImageEngine,
+        storage: LocalStorage,
+        bus: CompletionBus | None = None,
+    ):
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.storage = storage
+        self.bus = bus
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._last_maintenance = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("worker %s started", self.worker_id)
+        while not stop.is_set():
+            try:
+                if self.run_once():
+                    continue
+            except Exception:  # a DB outage must not kill the worker: wait and retry
+                log.exception("worker loop error")
+                stop.wait(1.0)
+            wake = self.bus.work_available if self.bus else None
+            if wake is not None:
+                wake.wait(self.settings.worker_poll_seconds)
+                wake.clear()
+            else:
+                stop.wait(self.settings.worker_poll_seconds)
+
+    def run_once(self) -> int:
+        """Claim and run one batch; return how many jobs it had."""
+        self._maintenance()
+        batch = self.store.claim_batch(
+            self.worker_id, self.settings.max_batch_size, self.settings.lease_seconds
+        )
+        if not batch:
+            return 0
+        stop_heartbeat = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=([job.id for job in batch], stop_heartbeat), daemon=True
+        )
+        heartbeat.start()
+        try:
+            for job in batch:  # one at a time for now; the claim is batch-shaped for batching
+                self._run_job(job)
+        finally:
+            stop_heartbeat.set()
+            heartbeat.join()
+        return len(batch)
+
+    def _heartbeat(self, job_ids: list[int], stop: threading.Event) -> None:
+        while not stop.wait(self.settings.lease_seconds / 3):
+            try:
+                self.store.heartbeat(self.worker_id, job_ids, self.settings.lease_seconds)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _maintenance(self) -> None:
+        now = time.time()
+        if now - self._last_maintenance < _MAINTENANCE_INTERVAL:
+            return
+        self._last_maintenance = now
+        for job_id in self.store.fail_exhausted(self.settings.max_attempts):
+            self._publish(job_id)
+        self.storage.delete_older_than("temp", self.settings.temp_ttl_hours * 3600)
+
+    def _run_job(self, job: JobView) -> None:
+        started = time.perf_counter()
+        try:
+            if job.kind == "model_reload":
+                self.engine.pipeline(job.model_id)
+                result = {"output": [], "meta": {"model_id": job.model_id}}
+            else:
+                result = self._run_image_job(job)
+        except SdserveError as exc:
+            log.warning("job %s failed: %s", job.id, exc.message)
+            self.store.fail(job.id, self.worker_id, exc.message)
+        except Exception as exc:
+            log.exception("job %s crashed", job.id)
+            self.store.fail(job.id, self.worker_id, f"Internal error: {type(exc).__name__}: {exc}")
+        else:
+            elapsed = time.perf_counter() - started
+            if self.store.complete(job.id, self.worker_id, result, elapsed):
+                self.store.record_timing(job.model_id, elapsed / max(job.cost, 1e-6))
+        self._publish(job.id)
+
+    def _run_image_job(self, job: JobView) -> dict:
+        params = GenerationParams.model_validate(job.params)
+        inputs = job.params.get("input_keys", {})
+        init = self._input_image(inputs.get("init_image"))
+        mask = self._input_image(inputs.get("mask_image"))
+        last_write = [0.0]
+
+        def on_step(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last_write[0] >= _PROGRESS_INTERVAL:
+                last_write[0] = now
+                step = round(done * job.total_steps / max(total, 1))
+                self.store.report_progress(self.worker_id, job.id, step, self.settings.lease_seconds)
+
+        started = time.perf_counter()
+        outcome = self.engine.generate(params, init, mask, on_step)
+        keys = job.params["output_keys"][: len(outcome.images)]
+        for key, image in zip(keys, outcome.images):
+            png = _png_bytes(image)
+            self.storage.put(key, base64.b64encode(png) if params.base64 else png)
+        meta = dict(job.params.get("meta", {}))
+        timings = {
+            "queue_wait": round((job.started_at or job.created_at) - job.created_at, 4),
+            "pipeline": round(outcome.pipeline_seconds, 4),
+            "worker": round(time.perf_counter() - started, 4),
+        }
+        return {
+            "output_keys": keys,  # URLs are made at answer time, from the API's public URL
+            "meta": meta,
+            "nsfw_content_detected": any(outcome.nsfw),
+            "timings": timings,
+        }
+
+    def _input_image(self, key: str | None) -> Image.Image | None:
+        if not key:
+            return None
+        return Image.open(io.BytesIO(self.storage.get(key))).convert("RGB")
+
+    def _publish(self, job_id: int) -> None:
+        if self.bus is not None:
+            self.bus.publish(job_id)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

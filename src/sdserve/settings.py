@@ -1,0 +1,82 @@
+"""All configuration in one typed object, read from `SDSERVE_*` environment variables once at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="ignore")
+
+    # Where things live
+    data_dir: Path = Path("./data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    public_url: str | None = None  # default: http://{host}:{port} of `sdserve serve`
+    host: str = "127.0.0.1"
+    port: int = 7860
+
+    # Keys
+    admin_key: str | None = None
+    queue_limit_per_key: int = 10
+
+    # Models
+    default_model: str = "tiny-sd"
+    offline: bool = False  # also implied by HF_HUB_OFFLINE=1
+    residency_budget_mb: int = 12_000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    # Request limits (clamped, never a crash)
+    max_width: int = 1024
+    max_height: int = 1024
+    max_samples: int = 4
+    max_steps: int = 50
+    default_steps: int = 30
+    max_body_bytes: int = 30 * 1024 * 1024
+    max_image_bytes: int = 15 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    image_fetch_timeout: float = 15.0
+    allow_private_urls: bool = True  # issue 5 adds the private-address guard
+
+    # Response timing
+    sync_wait_seconds: float = 8.0  # answer `success` if the job ends within this, else `processing`
+
+    # Queue and workers
+    in_process_worker: bool = True
+    lease_seconds: float = 30.0
+    max_attempts: int = 3
+    worker_poll_seconds: float = 0.5
+    max_batch_size: int = 8
+
+    # Webhooks
+    webhook_timeout: float = 30.0
+    webhook_max_attempts: int = 5
+    webhook_backoff_seconds: float = 2.0
+
+    # Outputs
+    temp_ttl_hours: float = 24.0
+
+    # Error HTTP status policy: `legacy` answers 200 for application errors (as the hosted API
+    # did) and 429 for queue-limit rejections; `http` uses 400/401/404/422/429/500/503.
+    error_status: Literal["legacy", "http"] = "legacy"
+
+    nsfw_threshold: float = Field(0.5, ge=0, le=1)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'sdserve.db').resolve()}"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"

@@ -1,0 +1,193 @@
+"""Shared fixtures: real `sdserve` server processes on free ports, tiny models, a webhook receiver."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ADMIN_KEY = "test-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        SDSERVE_DATA_DIR=str(data_dir),
+        SDSERVE_ADMIN_KEY=ADMIN_KEY,
+        SDSERVE_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        SDSERVE_SYNC_WAIT_SECONDS="20",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(overrides)
+    return env
+
+
+class ServerProcess:
+    """`sdserve serve` in a subprocess, as a user runs it."""
+
+    def __init__(self, data_dir: Path, **env: str):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = base_env(data_dir, **env)
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir / f"server-{self.port}.log"
+
+    def start(self) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/openapi.json", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=60, **kwargs)
+
+
+def run_cli(*args: str, data_dir: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "sdserve.cli", *args, "--data-dir", str(data_dir)],
+        env=base_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout
+
+
+def create_key(data_dir: Path, *extra: str) -> str:
+    return run_cli("keys", "create", *extra, data_dir=data_dir).strip().splitlines()[-1]
+
+
+def png_bytes(size=(64, 64), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(url: str) -> Image.Image:
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200, url
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG"
+    return image
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> ServerProcess:
+    data_dir = tmp_path_factory.mktemp("server")
+    srv = ServerProcess(data_dir).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def user_key(server) -> str:
+    return create_key(server.data_dir)
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that records POSTs and can fail the first N of them."""
+
+    def __init__(self, fail_first: int = 0):
+        self.received: list[dict] = []
+        self.attempts = 0
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("content-length", 0))
+                payload = json.loads(self.rfile.read(length) or b"{}")
+                receiver.attempts += 1
+                if receiver.attempts <= receiver.fail_first:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                receiver.received.append(payload)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
+        deadline = time.time() + timeout
+        while len(self.received) < count and time.time() < deadline:
+            time.sleep(0.05)
+        return self.received
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def webhook_receiver():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    from sdserve.engine.tiny import ensure_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    for model_id in ("tiny-sd", "tiny-sdxl"):
+        ensure_tiny_model(model_id, folder)
+    return folder
+
+
+def copy_tiny(tiny_models_dir: Path, model_id: str, dest: Path) -> Path:
+    target = dest / model_id
+    if not target.exists():
+        shutil.copytree(tiny_models_dir / model_id, target)
+    return target
