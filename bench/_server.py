@@ -22,12 +22,29 @@ def running_server(**env: str):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        environ = dict(os.environ, SDSERVE_DATA_DIR=tmp, SDSERVE_ADMIN_KEY=ADMIN_KEY,
-                       SDSERVE_OFFLINE="1", HF_HUB_OFFLINE="1", **env)
+        environ = dict(
+            os.environ,
+            SDSERVE_DATA_DIR=tmp,
+            SDSERVE_ADMIN_KEY=ADMIN_KEY,
+            SDSERVE_OFFLINE="1",
+            HF_HUB_OFFLINE="1",
+            **env,
+        )
         log = Path(tmp) / "server.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sdserve.cli", "serve", "--port", str(port), "--log-level", "warning"],
-            env=environ, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "sdserve.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=environ,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:

@@ -16,8 +16,16 @@ import httpx
 import torch
 from _server import ADMIN_KEY, running_server
 
-BODY = {"key": ADMIN_KEY, "model_id": "tiny-sd", "prompt": "a lighthouse at dusk", "width": 64,
-        "height": 64, "num_inference_steps": 2, "safety_checker": "no", "enhance_prompt": "no"}
+BODY = {
+    "key": ADMIN_KEY,
+    "model_id": "tiny-sd",
+    "prompt": "a lighthouse at dusk",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 2,
+    "safety_checker": "no",
+    "enhance_prompt": "no",
+}
 
 
 def plain_diffusers(jobs: int) -> list[float]:
@@ -31,8 +39,13 @@ def plain_diffusers(jobs: int) -> list[float]:
         times = []
         for i in range(jobs + 3):
             started = time.perf_counter()
-            pipe(BODY["prompt"], width=64, height=64, num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(i))
+            pipe(
+                BODY["prompt"],
+                width=64,
+                height=64,
+                num_inference_steps=2,
+                generator=torch.Generator().manual_seed(i),
+            )
             times.append(time.perf_counter() - started)
         return times[3:]
 
@@ -58,11 +71,15 @@ def main() -> None:
     plain = plain_diffusers(args.jobs)
     ms = lambda xs, q=0.5: 1000 * statistics.quantiles(xs, n=100)[int(q * 100) - 1]  # noqa: E731
     print(f"jobs: {args.jobs} (tiny-sd, 64x64, 2 steps, sequential)")
-    print(f"request to success      p50 {ms(latencies):7.1f} ms   p95 {ms(latencies, .95):7.1f} ms")
-    print(f"pipeline call (server)  p50 {ms(pipeline):7.1f} ms   p95 {ms(pipeline, .95):7.1f} ms")
-    print(f"plain diffusers call    p50 {ms(plain):7.1f} ms   p95 {ms(plain, .95):7.1f} ms")
-    print(f"server overhead         p50 {ms(overheads):7.1f} ms   p95 {ms(overheads, .95):7.1f} ms  "
-          f"(target: p50 < 30 ms)")
+    print(
+        f"request to success      p50 {ms(latencies):7.1f} ms   p95 {ms(latencies, 0.95):7.1f} ms"
+    )
+    print(f"pipeline call (server)  p50 {ms(pipeline):7.1f} ms   p95 {ms(pipeline, 0.95):7.1f} ms")
+    print(f"plain diffusers call    p50 {ms(plain):7.1f} ms   p95 {ms(plain, 0.95):7.1f} ms")
+    print(
+        f"server overhead         p50 {ms(overheads):7.1f} ms   p95 {ms(overheads, 0.95):7.1f} ms  "
+        f"(target: p50 < 30 ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import decode_png, png_bytes
+from PIL import Image
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "safety_checker": "no"}
 INIT = "data:image/png;base64," + base64.b64encode(png_bytes((80, 80))).decode()
@@ -69,7 +68,9 @@ def test_endpoint_round_trip(server, user_key, path, kind, fetch_prefix):
 
 
 def test_processing_answer_then_every_fetch_form(server, user_key):
-    data = server.post("/api/v4/dreambooth", _body(user_key, "text2img", instant_response="yes")).json()
+    data = server.post(
+        "/api/v4/dreambooth", _body(user_key, "text2img", instant_response="yes")
+    ).json()
     assert data["status"] == "processing", data
     assert data["messege"] == data["message"] == "Try to fetch request after seconds estimated"
     assert data["fetch_result"] == f"{server.url}/api/v3/dreambooth/fetch/{data['id']}"
@@ -144,10 +145,21 @@ def test_key_in_bearer_and_key_headers(server, user_key):
 
 def test_coercion_of_wire_encodings(server, user_key):
     body = {
-        "key": user_key, "model_id": "tiny-sd", "prompt": "x", "width": "64", "height": 64.0,
-        "samples": "1", "num_inference_steps": "2", "guidance_scale": "3.5", "seed": "42",
-        "safety_checker": False, "enhance_prompt": "no", "base64": None, "webhook": None,
-        "track_id": None, "some_unknown_field": {"nested": True},
+        "key": user_key,
+        "model_id": "tiny-sd",
+        "prompt": "x",
+        "width": "64",
+        "height": 64.0,
+        "samples": "1",
+        "num_inference_steps": "2",
+        "guidance_scale": "3.5",
+        "seed": "42",
+        "safety_checker": False,
+        "enhance_prompt": "no",
+        "base64": None,
+        "webhook": None,
+        "track_id": None,
+        "some_unknown_field": {"nested": True},
     }
     data = server.post("/api/v4/dreambooth", body).json()
     assert data["status"] == "success", data
@@ -164,7 +176,9 @@ def test_sizes_and_steps_are_clamped(server, user_key):
 
 
 def test_base64_output_and_temp(server, user_key):
-    data = server.post("/api/v4/dreambooth", _body(user_key, "text2img", base64="yes", temp="yes")).json()
+    data = server.post(
+        "/api/v4/dreambooth", _body(user_key, "text2img", base64="yes", temp="yes")
+    ).json()
     assert data["status"] == "success"
     url = data["output"][0]
     assert "/temp/" in url and url.endswith(".base64")
@@ -193,10 +207,15 @@ def test_v3_uses_default_model_and_v3_names(server, user_key):
 
 
 def test_sdxl_model(server, user_key):
-    data = server.post("/api/v6/images/text2img", {**_body(user_key, "text2img"), "model_id": "tiny-sdxl"}).json()
+    data = server.post(
+        "/api/v6/images/text2img", {**_body(user_key, "text2img"), "model_id": "tiny-sdxl"}
+    ).json()
     assert data["status"] == "success", data
     assert decode_png(data["output"][0]).size == (64, 64)
-    for kind, path in (("img2img", "/api/v6/images/img2img"), ("inpaint", "/api/v6/images/inpaint")):
+    for kind, path in (
+        ("img2img", "/api/v6/images/img2img"),
+        ("inpaint", "/api/v6/images/inpaint"),
+    ):
         data = server.post(path, {**_body(user_key, kind), "model_id": "tiny-sdxl"}).json()
         assert data["status"] == "success", data
 
@@ -212,9 +231,13 @@ def test_system_load_and_model_list(server, user_key):
 
 
 def test_model_reload(server, user_key):
-    data = server.post("/api/v4/dreambooth/model_reload", {"key": user_key, "model_id": "tiny-sdxl"}).json()
+    data = server.post(
+        "/api/v4/dreambooth/model_reload", {"key": user_key, "model_id": "tiny-sdxl"}
+    ).json()
     assert data["status"] == "success" and "tiny-sdxl" in data["message"]
-    missing = server.post("/api/v4/dreambooth/model_reload", {"key": user_key, "model_id": "nope"}).json()
+    missing = server.post(
+        "/api/v4/dreambooth/model_reload", {"key": user_key, "model_id": "nope"}
+    ).json()
     assert missing["status"] == "error" and missing["message"] == "Model not found"
 
 

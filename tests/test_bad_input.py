@@ -10,9 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from PIL import Image
-
 from conftest import png_bytes
+from PIL import Image
 
 OK = {"model_id": "tiny-sd", "prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 2}
 
@@ -69,7 +68,9 @@ def test_validation_errors_are_field_maps(server, user_key, no_new_jobs, change,
 
 def test_invalid_json(server, no_new_jobs):
     response = httpx.post(
-        server.url + "/api/v4/dreambooth", content=b"{not json", headers={"content-type": "application/json"}
+        server.url + "/api/v4/dreambooth",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
     )
     assert _error(response)["message"] == "Invalid API Request"
     response = httpx.post(server.url + "/api/v4/dreambooth", json=[1, 2, 3])
@@ -94,7 +95,9 @@ def test_missing_and_unknown_key(server, no_new_jobs):
 
 
 def test_unknown_model(server, user_key, no_new_jobs):
-    data = _error(server.post("/api/v4/dreambooth", {"key": user_key, **OK, "model_id": "no-such-model"}))
+    data = _error(
+        server.post("/api/v4/dreambooth", {"key": user_key, **OK, "model_id": "no-such-model"})
+    )
     assert data["message"] == "Model not found"
 
 
@@ -104,7 +107,9 @@ def test_known_model_not_available_offline_says_how_to_import(server, user_key, 
 
 
 def test_path_traversal_model_id(server, user_key, no_new_jobs):
-    data = _error(server.post("/api/v4/dreambooth", {"key": user_key, **OK, "model_id": "../../etc"}))
+    data = _error(
+        server.post("/api/v4/dreambooth", {"key": user_key, **OK, "model_id": "../../etc"})
+    )
     assert "model_id" in data["messege"]
 
 

@@ -9,13 +9,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import decode_png
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from conftest import decode_png
-
-BODY = {"model_id": "tiny-sd", "prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3,
-        "safety_checker": "no", "enhance_prompt": "no", "seed": 99}
+BODY = {
+    "model_id": "tiny-sd",
+    "prompt": "a red fox",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 3,
+    "safety_checker": "no",
+    "enhance_prompt": "no",
+    "seed": 99,
+}
 
 
 def pixels(server, key, **change) -> np.ndarray:
@@ -42,8 +49,10 @@ def _write_lora(pipe, path, seed):
     from peft.utils import get_peft_model_state_dict
 
     unet = pipe.unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                     adapter_name=f"make{seed}")
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        adapter_name=f"make{seed}",
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -74,8 +83,10 @@ def test_embedding(server, user_key, tiny_pipe):
     folder = server.data_dir / "embeddings"
     folder.mkdir(exist_ok=True)
     dim = tiny_pipe.text_encoder.config.hidden_size
-    save_file({"emb_params": torch.randn(2, dim, generator=torch.Generator().manual_seed(3)) * 3},
-              folder / "fox-style.safetensors")
+    save_file(
+        {"emb_params": torch.randn(2, dim, generator=torch.Generator().manual_seed(3)) * 3},
+        folder / "fox-style.safetensors",
+    )
     plain = pixels(server, user_key, prompt="a fox-style fox")
     styled = pixels(server, user_key, prompt="a fox-style fox", embeddings_model="fox-style")
     assert differs(plain, styled)
@@ -110,7 +121,9 @@ def test_scheduler_names(server, user_key, name, expected):
 
 def test_dpmsolver_sde_variant(server, user_key):
     plain = pixels(server, user_key, scheduler="DPMSolverMultistepScheduler")
-    sde = pixels(server, user_key, scheduler="DPMSolverMultistepScheduler", algorithm_type="dpmsolver+++")
+    sde = pixels(
+        server, user_key, scheduler="DPMSolverMultistepScheduler", algorithm_type="dpmsolver+++"
+    )
     assert differs(plain, sde)
 
 
@@ -121,7 +134,9 @@ def test_a1111_weighting_and_long_prompts(server, user_key):
     long_prompt = "a red fox " + ", ".join(["in a snowy forest at dawn"] * 8)  # > 77 tokens
     assert len(long_prompt) > 150
     tail_changed = long_prompt + ", purple"
-    assert differs(pixels(server, user_key, prompt=long_prompt), pixels(server, user_key, prompt=tail_changed))
+    assert differs(
+        pixels(server, user_key, prompt=long_prompt), pixels(server, user_key, prompt=tail_changed)
+    )
 
 
 def test_local_folder_and_single_file_models(server, user_key, tiny_models_dir, tiny_pipe):
@@ -132,15 +147,22 @@ def test_local_folder_and_single_file_models(server, user_key, tiny_models_dir, 
     export_single_file(tiny_pipe, server.data_dir / "my-checkpoint.safetensors")
     export_single_file(tiny_pipe, server.data_dir / "my-checkpoint.ckpt")
     catalogue = {
-        "my-file-model": {"source": str(server.data_dir / "my-checkpoint.safetensors"),
-                          "config": str(tiny_models_dir / "tiny-sd")},
-        "my-ckpt-model": {"source": str(server.data_dir / "my-checkpoint.ckpt"),
-                          "config": str(tiny_models_dir / "tiny-sd")},
+        "my-file-model": {
+            "source": str(server.data_dir / "my-checkpoint.safetensors"),
+            "config": str(tiny_models_dir / "tiny-sd"),
+        },
+        "my-ckpt-model": {
+            "source": str(server.data_dir / "my-checkpoint.ckpt"),
+            "config": str(tiny_models_dir / "tiny-sd"),
+        },
     }
     (server.data_dir / "models.json").write_text(json.dumps(catalogue))
 
     reference = pixels(server, user_key)
     for model_id in ("my-folder-model", "my-file-model", "my-ckpt-model"):
         assert same(reference, pixels(server, user_key, model_id=model_id)), model_id
-    listed = {m["model_id"] for m in server.post("/api/v4/dreambooth/model_list", {"key": user_key}).json()}
+    listed = {
+        m["model_id"]
+        for m in server.post("/api/v4/dreambooth/model_list", {"key": user_key}).json()
+    }
     assert {"my-folder-model", "my-file-model", "my-ckpt-model"} <= listed

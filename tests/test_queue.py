@@ -9,11 +9,17 @@ import sys
 import time
 
 import httpx
-
 from conftest import ADMIN_KEY, ServerProcess, base_env, create_key, decode_png, run_cli
 
-BODY = {"model_id": "tiny-sd", "prompt": "a lighthouse", "width": 64, "height": 64,
-        "num_inference_steps": 2, "safety_checker": "no", "instant_response": "yes"}
+BODY = {
+    "model_id": "tiny-sd",
+    "prompt": "a lighthouse",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 2,
+    "safety_checker": "no",
+    "instant_response": "yes",
+}
 
 
 def _wait_success(server, key, job_id, timeout=120) -> dict:
@@ -29,8 +35,13 @@ def _wait_success(server, key, job_id, timeout=120) -> dict:
 def test_queued_jobs_survive_restart(tmp_path):
     api = ServerProcess(tmp_path, SDSERVE_IN_PROCESS_WORKER="0").start()
     key = create_key(tmp_path)
-    ids = [api.post("/api/v4/dreambooth", {"key": key, **BODY, "seed": i + 1}).json()["id"] for i in range(3)]
-    assert all(api.post(f"/api/v3/fetch/{i}", {"key": key}).json()["status"] == "processing" for i in ids)
+    ids = [
+        api.post("/api/v4/dreambooth", {"key": key, **BODY, "seed": i + 1}).json()["id"]
+        for i in range(3)
+    ]
+    assert all(
+        api.post(f"/api/v3/fetch/{i}", {"key": key}).json()["status"] == "processing" for i in ids
+    )
     api.stop()
 
     restarted = ServerProcess(tmp_path).start()  # same data dir, now with its worker
@@ -80,7 +91,9 @@ def test_killed_worker_job_is_finished_by_another(tmp_path):
             rescuer.terminate()
             rescuer.wait(timeout=60)
         with sqlite3.connect(tmp_path / "sdserve.db") as db:
-            attempts, status = db.execute("select attempts, status from jobs where id=?", (job_id,)).fetchone()
+            attempts, status = db.execute(
+                "select attempts, status from jobs where id=?", (job_id,)
+            ).fetchone()
         assert (attempts, status) == (2, "success")
     finally:
         if doomed.poll() is None:
@@ -104,7 +117,10 @@ def test_queue_limit_answers_rate_limit(tmp_path):
     try:
         key = create_key(tmp_path, "--queue-limit", "2")
         for _ in range(2):
-            assert api.post("/api/v4/dreambooth", {"key": key, **BODY}).json()["status"] == "processing"
+            assert (
+                api.post("/api/v4/dreambooth", {"key": key, **BODY}).json()["status"]
+                == "processing"
+            )
         response = api.post("/api/v4/dreambooth", {"key": key, **BODY})
         assert response.status_code == 429
         data = response.json()
@@ -126,6 +142,10 @@ def test_keys_cli_create_list_revoke(tmp_path):
     try:
         assert api.post("/api/v3/system_load", {"key": key}).json()["status"] == "ok"
         run_cli("keys", "revoke", key[:8], data_dir=tmp_path)
+        deadline = time.time() + 10  # servers cache key lookups for 2 s
+        while api.post("/api/v3/system_load", {"key": key}).json().get("status") == "ok":
+            assert time.time() < deadline, "revoked key still accepted"
+            time.sleep(0.2)
         assert api.post("/api/v3/system_load", {"key": key}).json()["message"] == "Invalid Api Key"
     finally:
         api.stop()
@@ -142,7 +162,10 @@ def test_http_status_policy(tmp_path):
         assert api.post("/api/v4/dreambooth", {"key": "bad", **BODY}).status_code == 401
         response = api.post("/api/v4/dreambooth", {"key": ADMIN_KEY, **BODY, "prompt": ""})
         assert response.status_code == 422 and response.json()["messege"]["prompt"]
-        assert api.post("/api/v4/dreambooth", {"key": ADMIN_KEY, **BODY, "model_id": "x"}).status_code == 404
+        assert (
+            api.post("/api/v4/dreambooth", {"key": ADMIN_KEY, **BODY, "model_id": "x"}).status_code
+            == 404
+        )
     finally:
         api.stop()
 

@@ -6,8 +6,14 @@ import sqlite3
 
 from conftest import WebhookReceiver
 
-BODY = {"model_id": "tiny-sd", "prompt": "a boat", "width": 64, "height": 64,
-        "num_inference_steps": 2, "safety_checker": "no"}
+BODY = {
+    "model_id": "tiny-sd",
+    "prompt": "a boat",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 2,
+    "safety_checker": "no",
+}
 
 
 def _deliveries(server, job_id):
@@ -52,7 +58,13 @@ def test_webhook_on_failure(server, user_key, webhook_receiver, tmp_path):
     (lora_dir / "broken.safetensors").write_bytes(b"not safetensors at all")
     data = server.post(
         "/api/v4/dreambooth",
-        {"key": user_key, **BODY, "lora_model": "broken", "webhook": webhook_receiver.url, "track_id": "t"},
+        {
+            "key": user_key,
+            **BODY,
+            "lora_model": "broken",
+            "webhook": webhook_receiver.url,
+            "track_id": "t",
+        },
     ).json()
     assert data["status"] == "failed", data
     assert "broken" in data["message"] and data["messege"] == data["message"]

@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     allow_private_urls: bool = True  # issue 5 adds the private-address guard
 
     # Response timing
-    sync_wait_seconds: float = 8.0  # answer `success` if the job ends within this, else `processing`
+    sync_wait_seconds: float = (
+        8.0  # answer `success` if the job ends within this, else `processing`
+    )
 
     # Queue and workers
     in_process_worker: bool = True

@@ -44,7 +44,10 @@ def build_state(settings: Settings) -> ServerState:
 def _start_background(state: ServerState, stop: threading.Event) -> list[threading.Thread]:
     threads = [
         threading.Thread(
-            target=WebhookDispatcher(state.settings, state.store).run, args=(stop,), name="webhooks", daemon=True
+            target=WebhookDispatcher(state.settings, state.store).run,
+            args=(stop,),
+            name="webhooks",
+            daemon=True,
         )
     ]
     if state.settings.in_process_worker:
@@ -58,7 +61,9 @@ def _start_background(state: ServerState, stop: threading.Event) -> list[threadi
             state.storage,
             state.bus,
         )
-        threads.append(threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True))
+        threads.append(
+            threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
+        )
     for thread in threads:
         thread.start()
     return threads

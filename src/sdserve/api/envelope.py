@@ -66,7 +66,9 @@ async def read_json_body(request: Request, settings: Settings) -> dict[str, Any]
 
 
 def _too_large(settings: Settings) -> InvalidRequest:
-    exc = InvalidRequest(f"Request body is larger than {settings.max_body_bytes // (1024 * 1024)} MB")
+    exc = InvalidRequest(
+        f"Request body is larger than {settings.max_body_bytes // (1024 * 1024)} MB"
+    )
     exc.http_status = 413
     return exc
 

@@ -9,6 +9,7 @@ from sdserve.api.envelope import authenticate, read_json_body
 from sdserve.api.serving import job_response
 from sdserve.api.state import get_state
 from sdserve.errors import JobNotFound
+from sdserve.schemas.responses import job_body
 
 router = APIRouter(tags=["fetch"])
 
@@ -47,6 +48,9 @@ async def _fetch(request: Request, raw_id) -> dict:
     if raw_id is None:
         raw_id = body.get("request_id", body.get("id", request.query_params.get("request_id")))
     job_id = _parse_id(raw_id)
+    job = state.store.get_finished(job_id, principal.owner)
+    if job is not None:  # the common case, answered from memory
+        return job_body(job, None, state.settings.base_url)
     job = await run_in_threadpool(state.store.get, job_id, principal.owner)
     return await run_in_threadpool(job_response, state, job)
 

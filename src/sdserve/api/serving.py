@@ -36,13 +36,17 @@ async def submit_image_job(
         req, kind, family, settings, model_id=model_id or settings.default_model
     )
     if params.enhance_prompt:
-        params.prompt, params.negative_prompt = enhance_prompt(params.prompt, params.negative_prompt)
+        params.prompt, params.negative_prompt = enhance_prompt(
+            params.prompt, params.negative_prompt
+        )
 
     # Everything that can be checked before queueing is checked now, so a bad request is an
     # immediate error, never a failed job.
     source = state.registry.resolve(params.model_id)
     state.registry.check_available(source)
-    choice = resolve_scheduler_name(params.scheduler, params.use_karras_sigmas, params.algorithm_type)
+    choice = resolve_scheduler_name(
+        params.scheduler, params.use_karras_sigmas, params.algorithm_type
+    )
     for lora_id, _ in params.loras:
         state.registry.resolve_lora(lora_id)
     if params.embeddings_model:
@@ -84,7 +88,9 @@ async def submit_image_job(
     return await respond_when_done(state, job, wait)
 
 
-async def respond_when_done(state: ServerState, job: JobView, wait_seconds: float) -> dict[str, Any]:
+async def respond_when_done(
+    state: ServerState, job: JobView, wait_seconds: float
+) -> dict[str, Any]:
     """`success` if the job ends within `wait_seconds`, else `processing` with eta and fetch_result."""
     deadline = time.monotonic() + wait_seconds
     event = state.bus.subscribe(job.id)

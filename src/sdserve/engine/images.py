@@ -110,7 +110,9 @@ class ImageEngine:
             else:
                 kwargs.update(image=_fit(init_image, p), strength=p.strength)
             if p.kind == "inpaint":
-                kwargs.update(mask_image=_fit(mask_image, p).convert("L"), width=p.width, height=p.height)
+                kwargs.update(
+                    mask_image=_fit(mask_image, p).convert("L"), width=p.width, height=p.height
+                )
 
             # 4. denoise, reporting each step
             if on_step is not None:
@@ -132,12 +134,16 @@ class ImageEngine:
             nsfw = [self._nsfw.is_nsfw(image) for image in images]
             images = [
                 replace_nsfw(image, p.safety_checker_type) if flagged else image
-                for image, flagged in zip(images, nsfw)
+                for image, flagged in zip(images, nsfw, strict=True)
             ]
         return ImageResult(images, nsfw, choice.class_name, pipeline_seconds)
 
     def _apply_loras(self, pipe: DiffusionPipeline, loras: list[tuple[str, float]]) -> None:
-        loaded = set(pipe.get_list_adapters().get("unet", [])) if hasattr(pipe, "get_list_adapters") else set()
+        loaded = (
+            set(pipe.get_list_adapters().get("unet", []))
+            if hasattr(pipe, "get_list_adapters")
+            else set()
+        )
         if not loras:
             if loaded:
                 pipe.disable_lora()

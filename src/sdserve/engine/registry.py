@@ -99,7 +99,9 @@ class ModelRegistry:
     def check_available(self, source: ModelSource) -> None:
         """Raise ModelUnavailable now, at submit, for a model whose weights cannot be had."""
         if source.kind in ("folder", "file") and not Path(source.location).exists():
-            raise ModelUnavailable(f"Model {source.model_id} points to {source.location}, which does not exist")
+            raise ModelUnavailable(
+                f"Model {source.model_id} points to {source.location}, which does not exist"
+            )
         if source.kind == "hub" and self._offline():
             from huggingface_hub import try_to_load_from_cache
 
@@ -139,14 +141,24 @@ class ModelRegistry:
 
     def resolve_embedding(self, embedding_id: str) -> Path:
         return self._asset(
-            "embeddings", embedding_id, "embeddings_model", (".safetensors", ".pt", ".bin"), "Embedding"
+            "embeddings",
+            embedding_id,
+            "embeddings_model",
+            (".safetensors", ".pt", ".bin"),
+            "Embedding",
         )
 
     def resolve_vae(self, vae_id: str) -> Path:
         return self._asset("vae", vae_id, "vae", (".safetensors", ".ckpt"), "VAE", folders=True)
 
     def _asset(
-        self, folder: str, asset_id: str, field: str, suffixes: tuple[str, ...], label: str, folders: bool = False
+        self,
+        folder: str,
+        asset_id: str,
+        field: str,
+        suffixes: tuple[str, ...],
+        label: str,
+        folders: bool = False,
     ) -> Path:
         _safe_id(asset_id, field)
         base = self.data_dir / folder
@@ -164,7 +176,9 @@ class ModelRegistry:
 
     # ---- loading (in the worker) -----------------------------------------------------------
 
-    def load(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
+    def load(
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype
+    ) -> DiffusionPipeline:
         self.check_available(source)
         try:
             if source.kind == "builtin":
@@ -232,7 +246,9 @@ class ResidencyCache:
             self.loads += 1
             self._items[key] = (pipe, size)
             self._items.move_to_end(key)
-            while len(self._items) > 1 and sum(s for _, s in self._items.values()) > self.budget_bytes:
+            while (
+                len(self._items) > 1 and sum(s for _, s in self._items.values()) > self.budget_bytes
+            ):
                 self._items.popitem(last=False)
         _free_device_memory()
         return pipe

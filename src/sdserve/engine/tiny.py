@@ -37,7 +37,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def write_char_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:

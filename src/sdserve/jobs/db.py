@@ -17,7 +17,9 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32))  # text2img | img2img | inpaint | ...
     family: Mapped[str] = mapped_column(String(32))  # which wire family submitted it
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|processing|success|failed
+    status: Mapped[str] = mapped_column(
+        String(16), default="queued"
+    )  # queued|processing|success|failed
     model_id: Mapped[str] = mapped_column(String(200))
     # Jobs with the same batch_key can share one denoising loop (model, kind, size, steps, scheduler).
     batch_key: Mapped[str] = mapped_column(String(400))
@@ -67,7 +69,9 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; keys are never stored
+    key_hash: Mapped[str] = mapped_column(
+        String(64), unique=True
+    )  # sha256 hex; keys are never stored
     prefix: Mapped[str] = mapped_column(String(12))  # first characters, to tell keys apart in lists
     label: Mapped[str] = mapped_column(String(200), default="")
     queue_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)

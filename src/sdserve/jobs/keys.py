@@ -13,6 +13,9 @@ from sqlalchemy import select
 from sdserve.jobs.db import ApiKey
 from sdserve.jobs.store import ADMIN_OWNER, JobStore
 
+_CACHE_TTL_SECONDS = 2.0
+_CACHE_MAX = 10_000
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -32,6 +35,9 @@ class KeyRing:
         self._store = store
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._default_limit = default_queue_limit
+        # digest -> (principal or None, expiry): keeps the database off the hot path of every
+        # request; a revocation (possibly from another process) takes effect within the TTL.
+        self._cache: dict[str, tuple[Principal | None, float]] = {}
 
     def create(self, label: str = "", queue_limit: int | None = None) -> str:
         key = secrets.token_urlsafe(30)
@@ -81,9 +87,18 @@ class KeyRing:
         digest = hash_key(key)
         if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
             return Principal(ADMIN_OWNER, True, None)
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
         with self._store.session() as s:
-            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
-            if row is None:
-                return None
-            limit = row.queue_limit if row.queue_limit is not None else self._default_limit
-            return Principal(f"key:{row.id}", False, limit)
+            row = s.scalar(
+                select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+            )
+            principal = None
+            if row is not None:
+                limit = row.queue_limit if row.queue_limit is not None else self._default_limit
+                principal = Principal(f"key:{row.id}", False, limit)
+        if len(self._cache) > _CACHE_MAX:
+            self._cache.clear()
+        self._cache[digest] = (principal, time.monotonic() + _CACHE_TTL_SECONDS)
+        return principal

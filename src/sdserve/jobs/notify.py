@@ -16,7 +16,9 @@ class CompletionBus:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(list)
+        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
+            defaultdict(list)
+        )
         self.work_available = threading.Event()
 
     def subscribe(self, job_id: int) -> asyncio.Event:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
 from sdserve.jobs.db import Base, Job, StepTiming, WebhookDelivery
 
 ADMIN_OWNER = "admin"
+FINISHED = ("success", "failed")
+_FINISHED_CACHE_SIZE = 20_000
 _DEFAULT_SECONDS_PER_UNIT = 0.1  # until a model has been measured
 _TIMING_SMOOTHING = 0.3
 
@@ -56,6 +60,12 @@ class QueueInfo:
     eta: float  # seconds until this job is expected to finish
 
 
+def _visible(view: JobView, owner: str | None) -> JobView:
+    if owner not in (None, ADMIN_OWNER) and view.owner != owner:
+        raise JobNotFound()
+    return view
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -78,13 +88,18 @@ def _sqlite_setup(engine: Engine) -> None:
 class JobStore:
     def __init__(self, database_url: str):
         self.is_sqlite = database_url.startswith("sqlite")
-        kwargs = {"connect_args": {"timeout": 30, "check_same_thread": False}} if self.is_sqlite else {
-            "pool_pre_ping": True
-        }
+        kwargs = (
+            {"connect_args": {"timeout": 30, "check_same_thread": False}}
+            if self.is_sqlite
+            else {"pool_pre_ping": True}
+        )
         self.engine = create_engine(database_url, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
+        # Finished jobs never change, so fetches of them (most fetches) skip the database.
+        self._finished: OrderedDict[int, JobView] = OrderedDict()
+        self._finished_lock = threading.Lock()
         self._write = sessionmaker(
             self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
         )
@@ -146,11 +161,26 @@ class JobStore:
 
     def get(self, job_id: int, owner: str | None = None) -> JobView:
         """The job, if `owner` may see it (None or the admin sees all). Others get JobNotFound."""
+        view = self.get_finished(job_id, owner)
+        if view is not None:
+            return view
         with self.session() as s:
             job = s.get(Job, job_id)
-            if job is None or (owner not in (None, ADMIN_OWNER) and job.owner != owner):
+            if job is None:
                 raise JobNotFound()
-            return JobView.of(job)
+            view = JobView.of(job)
+        if view.status in FINISHED:
+            with self._finished_lock:
+                self._finished[job_id] = view
+                if len(self._finished) > _FINISHED_CACHE_SIZE:
+                    self._finished.popitem(last=False)
+        return _visible(view, owner)
+
+    def get_finished(self, job_id: int, owner: str | None = None) -> JobView | None:
+        """A finished job from memory, without touching the database; None if not cached."""
+        with self._finished_lock:
+            view = self._finished.get(job_id)
+        return None if view is None else _visible(view, owner)
 
     def queue_info(self, job: JobView) -> QueueInfo:
         """Position and ETA from the work ahead of this job and measured seconds per unit."""
@@ -192,9 +222,15 @@ class JobStore:
         with self.session(write=True) as s:
             row = s.get(StepTiming, model_id)
             if row is None:
-                s.add(StepTiming(model_id=model_id, seconds_per_unit=seconds_per_unit, updated_at=time.time()))
+                s.add(
+                    StepTiming(
+                        model_id=model_id, seconds_per_unit=seconds_per_unit, updated_at=time.time()
+                    )
+                )
             else:
-                row.seconds_per_unit += _TIMING_SMOOTHING * (seconds_per_unit - row.seconds_per_unit)
+                row.seconds_per_unit += _TIMING_SMOOTHING * (
+                    seconds_per_unit - row.seconds_per_unit
+                )
                 row.updated_at = time.time()
 
     # ---- workers ---------------------------------------------------------------------------
@@ -210,7 +246,11 @@ class JobStore:
         )
         with self.session(write=True) as s:
             first = s.scalars(
-                select(Job).where(claimable).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
+                select(Job)
+                .where(claimable)
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
             if first is None:
                 return []
@@ -238,7 +278,9 @@ class JobStore:
         with self.session(write=True) as s:
             jobs = s.scalars(
                 select(Job).where(
-                    Job.status == "processing", Job.lease_expires < now, Job.attempts >= max_attempts
+                    Job.status == "processing",
+                    Job.lease_expires < now,
+                    Job.attempts >= max_attempts,
                 )
             ).all()
             for job in jobs:
@@ -249,7 +291,9 @@ class JobStore:
         with self.session(write=True) as s:
             s.execute(
                 update(Job)
-                .where(Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing")
+                .where(
+                    Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing"
+                )
                 .values(lease_expires=time.time() + lease_seconds)
             )
 
@@ -285,7 +329,9 @@ class JobStore:
         with self.session(write=True) as s:
             s.execute(
                 update(Job)
-                .where(Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing")
+                .where(
+                    Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing"
+                )
                 .values(status="queued", lease_owner=None, lease_expires=None, step=0)
             )
 
@@ -355,7 +401,9 @@ class JobStore:
     def webhook_deliveries(self, job_id: int) -> list[dict]:
         with self.session() as s:
             rows = s.scalars(
-                select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(WebhookDelivery.id)
+                select(WebhookDelivery)
+                .where(WebhookDelivery.job_id == job_id)
+                .order_by(WebhookDelivery.id)
             ).all()
             return [
                 {"attempt": r.attempt, "status_code": r.status_code, "error": r.error, "ok": r.ok}

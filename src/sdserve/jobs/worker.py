@@ -128,12 +128,14 @@ class Worker:
             if done == total or now - last_write[0] >= _PROGRESS_INTERVAL:
                 last_write[0] = now
                 step = round(done * job.total_steps / max(total, 1))
-                self.store.report_progress(self.worker_id, job.id, step, self.settings.lease_seconds)
+                self.store.report_progress(
+                    self.worker_id, job.id, step, self.settings.lease_seconds
+                )
 
         started = time.perf_counter()
         outcome = self.engine.generate(params, init, mask, on_step)
         keys = job.params["output_keys"][: len(outcome.images)]
-        for key, image in zip(keys, outcome.images):
+        for key, image in zip(keys, outcome.images, strict=True):
             png = _png_bytes(image)
             self.storage.put(key, base64.b64encode(png) if params.base64 else png)
         meta = dict(job.params.get("meta", {}))

@@ -20,7 +20,9 @@ def _to_int(value: Any, info: ValidationInfo) -> int | None:
     if _blank(value):
         return None
     if isinstance(value, bool):
-        raise PydanticCustomError("integer", "The {field} must be an integer.", {"field": info.field_name})
+        raise PydanticCustomError(
+            "integer", "The {field} must be an integer.", {"field": info.field_name}
+        )
     try:
         number = float(value) if isinstance(value, str) else value
         if isinstance(number, float):

@@ -6,7 +6,7 @@ import secrets
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdserve.errors import ValidationFailed
 from sdserve.schemas.coerce import Flag, Float, FloatList, Int, StrList, Text, yes_no
@@ -110,8 +110,19 @@ class GenerationParams(BaseModel):
     def batch_key(self) -> str:
         """Jobs with equal keys can share one denoising loop."""
         return "|".join(
-            map(str, (self.model_id, self.kind, self.width, self.height, self.steps, self.scheduler,
-                      self.use_karras_sigmas, self.algorithm_type))
+            map(
+                str,
+                (
+                    self.model_id,
+                    self.kind,
+                    self.width,
+                    self.height,
+                    self.steps,
+                    self.scheduler,
+                    self.use_karras_sigmas,
+                    self.algorithm_type,
+                ),
+            )
         )
 
     @property
@@ -135,8 +146,10 @@ def validation_error_map(exc: ValidationError) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else "body"
-        message = err["msg"] if err["type"] in {"integer", "number", "flag", "string"} else (
-            f"The {name} field is invalid."
+        message = (
+            err["msg"]
+            if err["type"] in {"integer", "number", "flag", "string"}
+            else (f"The {name} field is invalid.")
         )
         fields.setdefault(name, []).append(message)
     return fields
@@ -162,9 +175,7 @@ def _size(name: str, value: int | None, maximum: int, errors: dict) -> int:
     if value is None:
         return min(512, maximum)
     if value < _MIN_SIZE or value > _HARD_MAX_SIZE:
-        errors.setdefault(name, []).append(
-            f"The {name} must be between {_MIN_SIZE} and {maximum}."
-        )
+        errors.setdefault(name, []).append(f"The {name} must be between {_MIN_SIZE} and {maximum}.")
         return _MIN_SIZE
     return max(_MIN_SIZE, min(value, maximum)) // 8 * 8  # latents are 1/8 of the image
 
@@ -215,7 +226,16 @@ def normalize_image_request(
     lora_ids = req.lora_model or req.lora or []
     strengths = req.lora_strength or []
     loras = [
-        (lora_id, max(0.0, min(strengths[i] if i < len(strengths) else (strengths[-1] if strengths else 1.0), 2.0)))
+        (
+            lora_id,
+            max(
+                0.0,
+                min(
+                    strengths[i] if i < len(strengths) else (strengths[-1] if strengths else 1.0),
+                    2.0,
+                ),
+            ),
+        )
         for i, lora_id in enumerate(lora_ids)
     ]
 
@@ -257,9 +277,13 @@ def normalize_image_request(
         strength=strength,
         init_image=_echo_image(req.init_image),
         mask_image=_echo_image(req.mask_image),
-        safety_checker=defaults["safety_checker"] if req.safety_checker is None else req.safety_checker,
+        safety_checker=defaults["safety_checker"]
+        if req.safety_checker is None
+        else req.safety_checker,
         safety_checker_type=safety_type,
-        enhance_prompt=defaults["enhance_prompt"] if req.enhance_prompt is None else req.enhance_prompt,
+        enhance_prompt=defaults["enhance_prompt"]
+        if req.enhance_prompt is None
+        else req.enhance_prompt,
         base64=bool(req.base64),
         temp=bool(req.temp),
         instant_response=bool(req.instant_response),
@@ -291,38 +315,80 @@ def build_meta(p: GenerationParams, *, model_label: str, scheduler: str) -> dict
     lora_strength = ",".join(f"{s:g}" for _, s in p.loras) or None
     if p.family == "v3":
         meta = {
-            "H": p.height, "W": p.width, "enable_attention_slicing": "true",
-            "file_prefix": p.file_prefix, "guidance_scale": p.guidance_scale, "model": model_label,
-            "n_samples": p.samples, "negative_prompt": p.negative_prompt, "outdir": "out",
-            "prompt": p.prompt, "revision": "fp16", "safetychecker": yes_no(p.safety_checker),
-            "seed": p.seed, "steps": p.steps, "vae": p.vae or "default", "scheduler": scheduler,
+            "H": p.height,
+            "W": p.width,
+            "enable_attention_slicing": "true",
+            "file_prefix": p.file_prefix,
+            "guidance_scale": p.guidance_scale,
+            "model": model_label,
+            "n_samples": p.samples,
+            "negative_prompt": p.negative_prompt,
+            "outdir": "out",
+            "prompt": p.prompt,
+            "revision": "fp16",
+            "safetychecker": yes_no(p.safety_checker),
+            "seed": p.seed,
+            "steps": p.steps,
+            "vae": p.vae or "default",
+            "scheduler": scheduler,
         }
     elif p.family == "realtime":
         meta = {
-            "width": p.width, "height": p.height, "base64": yes_no(p.base64),
-            "enhance_prompt": yes_no(p.enhance_prompt), "enhance_style": p.echo.get("enhance_style"),
-            "file_prefix": p.file_prefix, "guidance_scale": p.guidance_scale,
-            "instant_response": yes_no(p.instant_response), "n_samples": p.samples,
-            "negative_prompt": p.negative_prompt, "outdir": "out", "prompt": p.prompt,
-            "safety_checker": yes_no(p.safety_checker), "safety_checker_type": p.safety_checker_type,
-            "seed": p.seed, "steps": p.steps, "temp": yes_no(p.temp), "track_id": p.track_id,
+            "width": p.width,
+            "height": p.height,
+            "base64": yes_no(p.base64),
+            "enhance_prompt": yes_no(p.enhance_prompt),
+            "enhance_style": p.echo.get("enhance_style"),
+            "file_prefix": p.file_prefix,
+            "guidance_scale": p.guidance_scale,
+            "instant_response": yes_no(p.instant_response),
+            "n_samples": p.samples,
+            "negative_prompt": p.negative_prompt,
+            "outdir": "out",
+            "prompt": p.prompt,
+            "safety_checker": yes_no(p.safety_checker),
+            "safety_checker_type": p.safety_checker_type,
+            "seed": p.seed,
+            "steps": p.steps,
+            "temp": yes_no(p.temp),
+            "track_id": p.track_id,
             "webhook": p.webhook,
         }
     else:
         meta = {
-            "prompt": p.prompt, "model_id": p.model_id, "negative_prompt": p.negative_prompt,
-            "scheduler": scheduler, "safetychecker": yes_no(p.safety_checker), "W": p.width,
-            "H": p.height, "guidance_scale": p.guidance_scale, "seed": p.seed, "steps": p.steps,
-            "n_samples": p.samples, "full_url": "no", "upscale": p.echo.get("upscale", "no"),
-            "multi_lingual": p.echo.get("multi_lingual"), "panorama": p.echo.get("panorama"),
-            "self_attention": p.echo.get("self_attention"), "embeddings": p.embeddings_model,
-            "lora": lora, "lora_strength": lora_strength, "clip_skip": p.clip_skip or 1,
-            "vae": p.vae, "use_karras_sigmas": yes_no(p.use_karras_sigmas),
+            "prompt": p.prompt,
+            "model_id": p.model_id,
+            "negative_prompt": p.negative_prompt,
+            "scheduler": scheduler,
+            "safetychecker": yes_no(p.safety_checker),
+            "W": p.width,
+            "H": p.height,
+            "guidance_scale": p.guidance_scale,
+            "seed": p.seed,
+            "steps": p.steps,
+            "n_samples": p.samples,
+            "full_url": "no",
+            "upscale": p.echo.get("upscale", "no"),
+            "multi_lingual": p.echo.get("multi_lingual"),
+            "panorama": p.echo.get("panorama"),
+            "self_attention": p.echo.get("self_attention"),
+            "embeddings": p.embeddings_model,
+            "lora": lora,
+            "lora_strength": lora_strength,
+            "clip_skip": p.clip_skip or 1,
+            "vae": p.vae,
+            "use_karras_sigmas": yes_no(p.use_karras_sigmas),
             "algorithm_type": p.algorithm_type or "none",
-            "safety_checker_type": p.safety_checker_type, "tomesd": p.echo.get("tomesd"),
-            "enhance_prompt": yes_no(p.enhance_prompt), "instant_response": yes_no(p.instant_response),
-            "temp": yes_no(p.temp), "base64": yes_no(p.base64), "webhook": p.webhook,
-            "track_id": p.track_id, "outdir": "out", "file_prefix": p.file_prefix,
+            "safety_checker_type": p.safety_checker_type,
+            "tomesd": p.echo.get("tomesd"),
+            "enhance_prompt": yes_no(p.enhance_prompt),
+            "instant_response": yes_no(p.instant_response),
+            "temp": yes_no(p.temp),
+            "base64": yes_no(p.base64),
+            "webhook": p.webhook,
+            "track_id": p.track_id,
+            "outdir": "out",
+            "file_prefix": p.file_prefix,
         }
     if p.kind != "text2img":
         meta["init_image"] = p.init_image

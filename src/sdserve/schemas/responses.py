@@ -17,9 +17,7 @@ _PROCESSING_MESSAGES = {
     "v3": "Try to fetch request after given estimated time",
 }
 _DEFAULT_PROCESSING_MESSAGE = "Try to fetch request after seconds estimated"
-_PROCESSING_TIP = (
-    "Your image is processing in background, you can get this image using fetch API"
-)
+_PROCESSING_TIP = "Your image is processing in background, you can get this image using fetch API"
 
 
 def fetch_url(base_url: str, job: JobView) -> str:

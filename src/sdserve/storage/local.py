@@ -23,7 +23,11 @@ class LocalStorage:
     def path(self, key: str) -> Path:
         """The file for `key`, refusing anything that would escape the storage root."""
         parts = PurePosixPath(key).parts
-        if not parts or any(part in ("..", "") or part.startswith("/") for part in parts) or "\\" in key:
+        if (
+            not parts
+            or any(part in ("..", "") or part.startswith("/") for part in parts)
+            or "\\" in key
+        ):
             raise InvalidStorageKey(key)
         path = (self.root / Path(*parts)).resolve()
         if self.root not in path.parents:
