@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -81,7 +82,7 @@ def test_oversized_body(server, user_key, no_new_jobs):
     huge = "A" * (31 * 1024 * 1024)
     response = httpx.post(
         server.url + "/api/v4/dreambooth",
-        content=('{"key":"%s","prompt":"%s"}' % (user_key, huge)).encode(),
+        content=json.dumps({"key": user_key, "prompt": huge}).encode(),
         headers={"content-type": "application/json"},
         timeout=60,
     )
