@@ -47,7 +47,7 @@ class Worker:
         log.info("worker %s started", self.worker_id)
         while not stop.is_set():
             try:
-                if self.run_once():
+                if self.run_once(stop):
                     continue
             except Exception:  # a DB outage must not kill the worker: wait and retry
                 log.exception("worker loop error")
@@ -59,8 +59,12 @@ class Worker:
             else:
                 stop.wait(self.settings.worker_poll_seconds)
 
-    def run_once(self) -> int:
-        """Claim and run one batch; return how many jobs it had."""
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """Claim and run one batch; return how many jobs it had.
+
+        When `stop` is set mid-batch (SIGTERM, shutdown), the job running finishes and the rest
+        of the batch goes back to the queue at once instead of waiting out its lease.
+        """
         self._maintenance()
         batch = self.store.claim_batch(
             self.worker_id, self.settings.max_batch_size, self.settings.lease_seconds
@@ -73,7 +77,10 @@ class Worker:
         )
         heartbeat.start()
         try:
-            for job in batch:  # one at a time for now; the claim is batch-shaped for batching
+            for index, job in enumerate(batch):  # one at a time for now; the claim is batch-shaped
+                if stop is not None and stop.is_set():
+                    self.store.requeue([j.id for j in batch[index:]], self.worker_id)
+                    break
                 self._run_job(job)
         finally:
             stop_heartbeat.set()
