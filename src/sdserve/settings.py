@@ -29,6 +29,17 @@ class Settings(BaseSettings):
     residency_budget_mb: int = 12_000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
+    # Video
+    default_t2v_model: str = "tiny-t2v"  # /api/v5/text2video (ModelScope / Zeroscope layout)
+    default_svd_model: str = "tiny-svd"  # /api/v6/video/img2video without a model_id
+    # AnimateDiff motion adapter for real SD1.5 models (hub id or folder); tiny-sd uses its own.
+    motion_adapter: str = "guoyww/animatediff-motion-adapter-v1-5-3"
+    motion_context_frames: int = 16  # the adapter's native window; longer clips use FreeNoise
+    max_video_frames: int = 64
+    max_video_fps: int = 30
+    max_video_size: int = 1024
+    video_decode_chunk: int = 8  # frames per VAE decode call: bounds memory on long clips
+
     # Request limits (clamped, never a crash)
     max_width: int = 1024
     max_height: int = 1024

@@ -11,9 +11,11 @@ from starlette.concurrency import run_in_threadpool
 from sdserve.api.state import ServerState
 from sdserve.engine.prompts import enhance_prompt
 from sdserve.engine.schedulers import resolve_scheduler_name
+from sdserve.errors import ValidationFailed
 from sdserve.jobs.keys import Principal
 from sdserve.jobs.store import JobView
-from sdserve.media.images import encode_png, load_image_input
+from sdserve.media.images import encode_png, load_image_input, read_input_bytes
+from sdserve.media.video import decode_video
 from sdserve.schemas.images import (
     Family,
     Kind,
@@ -22,6 +24,13 @@ from sdserve.schemas.images import (
     parse_image_request,
 )
 from sdserve.schemas.responses import job_body
+from sdserve.schemas.video import (
+    VideoFamily,
+    VideoKind,
+    build_video_meta,
+    normalize_video_request,
+    parse_video_request,
+)
 
 _POLL_SECONDS = 0.25  # re-check for workers in other processes, which cannot wake us
 
@@ -113,3 +122,89 @@ async def respond_when_done(
 def job_response(state: ServerState, job: JobView) -> dict[str, Any]:
     info = state.store.queue_info(job) if job.status in ("queued", "processing") else None
     return job_body(job, info, state.settings.base_url)
+
+
+async def submit_video_job(
+    state: ServerState,
+    principal: Principal,
+    body: dict[str, Any],
+    family: VideoFamily,
+    *,
+    image_to_video: bool = False,
+) -> dict[str, Any]:
+    settings = state.settings
+    req = parse_video_request(body)
+    if image_to_video:
+        model_id = req.model_id or settings.default_svd_model
+    elif family in ("v4video", "enterprise"):
+        if not req.model_id:
+            raise ValidationFailed({"model_id": ["The model id field is required."]})
+        model_id = req.model_id
+    else:
+        model_id = req.model_id or settings.default_t2v_model
+
+    source = state.registry.resolve(model_id)
+    state.registry.check_available(source)
+    model_family = state.registry.family(source)
+    kind = _video_kind(model_id, model_family, image_to_video)
+    params = normalize_video_request(req, kind, family, settings, model_id=model_id)
+    if req.enhance_prompt and params.prompt:
+        params.prompt, params.negative_prompt = enhance_prompt(
+            params.prompt, params.negative_prompt
+        )
+    choice = resolve_scheduler_name(params.scheduler, None, None)
+    for lora_id, _ in params.loras:
+        state.registry.resolve_lora(lora_id)
+
+    input_keys = {}
+    if kind == "svd" or (req.init_image and not req.init_video):
+        image = await load_image_input(req.init_image, "init_image", settings)
+        input_keys["init_image"] = f"inputs/{params.file_prefix}/init_image.png"
+        await run_in_threadpool(state.storage.put, input_keys["init_image"], encode_png(image))
+    elif req.init_video:
+        data = await read_input_bytes(req.init_video, "init_video", settings)
+        await run_in_threadpool(decode_video, data, "init_video", settings.max_video_frames)
+        input_keys["init_video"] = f"inputs/{params.file_prefix}/init_video"
+        await run_in_threadpool(state.storage.put, input_keys["init_video"], data)
+
+    stored = params.model_dump(mode="json")
+    stored["meta"] = build_video_meta(params, scheduler=choice.class_name)
+    stored["output_keys"] = [params.output_key]
+    stored["input_keys"] = input_keys
+    job = await run_in_threadpool(
+        state.store.submit,
+        kind=kind,
+        family=family,
+        model_id=model_id,
+        batch_key=params.batch_key,
+        owner=principal.owner,
+        params=stored,
+        total_steps=params.steps,
+        cost=params.cost,
+        track_id=None if params.track_id is None else str(params.track_id),
+        webhook=params.webhook,
+        queue_limit=principal.queue_limit,
+    )
+    state.bus.work_available.set()
+    wait = 0.0 if params.instant_response else settings.sync_wait_seconds
+    return await respond_when_done(state, job, wait)
+
+
+def _video_kind(model_id: str, model_family: str | None, image_to_video: bool) -> VideoKind:
+    if image_to_video:
+        if model_family not in (None, "svd"):
+            raise ValidationFailed(
+                {"model_id": [f"Model {model_id} is not an image-to-video (SVD) model."]}
+            )
+        return "svd"
+    if model_family == "t2v":
+        return "t2v"
+    if model_family in ("sdxl", "sd2", "svd"):
+        raise ValidationFailed(
+            {
+                "model_id": [
+                    f"Model {model_id} is not an SD1.5-family model; text2video animates SD1.5 models only."
+                ]
+            }
+        )
+    return "animatediff"  # sd15, or a single file checked when it loads

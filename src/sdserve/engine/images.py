@@ -76,7 +76,7 @@ class ImageEngine:
     ) -> ImageResult:
         with self._lock:
             base = self.pipeline(p.model_id)
-            self._apply_loras(base, p.loras)
+            apply_loras(base, p.loras, self.registry)
             if p.embeddings_model:
                 self._ensure_embedding(base, p.embeddings_model)
 
@@ -138,29 +138,6 @@ class ImageEngine:
             ]
         return ImageResult(images, nsfw, choice.class_name, pipeline_seconds)
 
-    def _apply_loras(self, pipe: DiffusionPipeline, loras: list[tuple[str, float]]) -> None:
-        loaded = (
-            set(pipe.get_list_adapters().get("unet", []))
-            if hasattr(pipe, "get_list_adapters")
-            else set()
-        )
-        if not loras:
-            if loaded:
-                pipe.disable_lora()
-            return
-        names = []
-        for lora_id, _ in loras:
-            name = _adapter_name(lora_id)
-            if name not in loaded:
-                path = self.registry.resolve_lora(lora_id)
-                try:
-                    pipe.load_lora_weights(str(path), adapter_name=name)
-                except Exception as exc:
-                    raise EngineError(f"LoRA {lora_id} could not be loaded: {exc}") from exc
-            names.append(name)
-        pipe.enable_lora()
-        pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
-
     def _ensure_embedding(self, pipe: DiffusionPipeline, embedding_id: str) -> None:
         done = pipe.__dict__.setdefault("_sdserve_embeddings", set())
         if embedding_id in done:
@@ -171,6 +148,29 @@ class ImageEngine:
         except Exception as exc:
             raise EngineError(f"Embedding {embedding_id} could not be loaded: {exc}") from exc
         done.add(embedding_id)
+
+
+def apply_loras(
+    pipe: DiffusionPipeline, loras: list[tuple[str, float]], registry: ModelRegistry
+) -> None:
+    """Load each LoRA once per pipeline (kept as a named adapter), then set this job's weights."""
+    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    if not loras:
+        if loaded:
+            pipe.disable_lora()
+        return
+    names = []
+    for lora_id, _ in loras:
+        name = _adapter_name(lora_id)
+        if name not in loaded:
+            path = registry.resolve_lora(lora_id)
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            except Exception as exc:
+                raise EngineError(f"LoRA {lora_id} could not be loaded: {exc}") from exc
+        names.append(name)
+    pipe.enable_lora()
+    pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
 
 
 def _adapter_name(lora_id: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKL, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 from sdserve.engine import tiny
 from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
@@ -35,6 +35,28 @@ HUB_CATALOGUE = {
     "openjourney": "prompthero/openjourney",
     "realistic-vision-v51": "SG161222/Realistic_Vision_V5.1_noVAE",
     "dreamshaper-8": "Lykon/dreamshaper-8",
+    "zeroscope": "cerspense/zeroscope_v2_576w",
+    "modelscope-t2v": "ali-vilab/text-to-video-ms-1.7b",
+    "svd": "stabilityai/stable-video-diffusion-img2vid-xt",
+}
+# Pipeline family of catalogue hub ids, known without downloading anything.
+HUB_FAMILIES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-2-1": "sd2",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "prompthero/openjourney": "sd15",
+    "SG161222/Realistic_Vision_V5.1_noVAE": "sd15",
+    "Lykon/dreamshaper-8": "sd15",
+    "cerspense/zeroscope_v2_576w": "t2v",
+    "ali-vilab/text-to-video-ms-1.7b": "t2v",
+    "stabilityai/stable-video-diffusion-img2vid-xt": "svd",
+}
+_BUILTIN_FAMILIES = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl", "tiny-t2v": "t2v", "tiny-svd": "svd"}
+_CLASS_FAMILIES = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "TextToVideoSDPipeline": "t2v",
+    "StableVideoDiffusionPipeline": "svd",
 }
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -115,6 +137,41 @@ class ModelRegistry:
                     f"{self.settings.models_dir / source.model_id}.safetensors"
                 )
 
+    def family(self, source: ModelSource) -> str | None:
+        """sd15 | sd2 | sdxl | t2v | svd, when knowable without loading weights (else None)."""
+        if source.kind == "builtin":
+            return _BUILTIN_FAMILIES.get(source.model_id)
+        if source.kind == "hub":
+            return HUB_FAMILIES.get(source.location)
+        index = Path(source.location) / "model_index.json"
+        if source.kind != "folder" or not index.exists():
+            return None
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+        if class_name in _CLASS_FAMILIES:
+            return _CLASS_FAMILIES[class_name]
+        unet_config = Path(source.location) / "unet" / "config.json"
+        if unet_config.exists():
+            cross = json.loads(unet_config.read_text()).get("cross_attention_dim")
+            return "sd2" if cross == 1024 else "sd15"
+        return None
+
+    def load_motion_adapter(self, adapter: str, device: torch.device, dtype: torch.dtype):
+        from diffusers import MotionAdapter
+
+        try:
+            if adapter == tiny.TINY_MOTION_ADAPTER:
+                location = tiny.ensure_tiny_model(adapter, self.settings.models_dir)
+            else:
+                location = adapter
+            return MotionAdapter.from_pretrained(
+                location, dtype=dtype, local_files_only=self._offline()
+            ).to(device)
+        except Exception as exc:
+            raise ModelUnavailable(
+                f"Motion adapter {adapter} could not be loaded: {exc}. Set SDSERVE_MOTION_ADAPTER "
+                "to a downloaded adapter folder or hub id."
+            ) from exc
+
     def _offline(self) -> bool:
         import os
 
@@ -183,9 +240,9 @@ class ModelRegistry:
         try:
             if source.kind == "builtin":
                 folder = tiny.ensure_tiny_model(source.model_id, self.settings.models_dir)
-                pipe = AutoPipelineForText2Image.from_pretrained(folder, dtype=dtype)
+                pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
             elif source.kind == "folder":
-                pipe = AutoPipelineForText2Image.from_pretrained(
+                pipe = DiffusionPipeline.from_pretrained(
                     source.location, dtype=dtype, safety_checker=None, requires_safety_checker=False
                 )
             elif source.kind == "file":
@@ -194,7 +251,7 @@ class ModelRegistry:
                 config = Path(source.config) if source.config else None
                 pipe = load_single_file(Path(source.location), config_dir=config, torch_dtype=dtype)
             else:
-                pipe = AutoPipelineForText2Image.from_pretrained(
+                pipe = DiffusionPipeline.from_pretrained(
                     source.location,
                     dtype=dtype,
                     safety_checker=None,

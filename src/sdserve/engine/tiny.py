@@ -15,14 +15,32 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
+    DDIMScheduler,
     EulerDiscreteScheduler,
+    MotionAdapter,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    StableVideoDiffusionPipeline,
+    TextToVideoSDPipeline,
     UNet2DConditionModel,
+    UNet3DConditionModel,
+    UNetSpatioTemporalConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
-TINY_MODELS = ("tiny-sd", "tiny-sdxl")
+# Generation models (usable as model_id) and the motion adapter that animates tiny-sd.
+TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-t2v", "tiny-svd")
+TINY_MOTION_ADAPTER = "tiny-motion-adapter"
+TINY_MOTION_CONTEXT = 16  # frames the tiny adapter sees at once, like the real v1.5 adapters
 _SEED = 0
 
 
@@ -158,13 +176,113 @@ def _build_tiny_sdxl(tmp: Path) -> StableDiffusionXLPipeline:
     )
 
 
-_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl}
+def _build_tiny_t2v(tmp: Path) -> TextToVideoSDPipeline:
+    """ModelScope / Zeroscope layout: a 3D UNet on SD's VAE and CLIP text encoder."""
+    torch.manual_seed(_SEED)
+    unet = UNet3DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    tokenizer = write_char_tokenizer(tmp / "tokenizer")
+    return TextToVideoSDPipeline(
+        unet=unet,
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+        ),
+    )
+
+
+def _build_tiny_svd(_tmp: Path) -> StableVideoDiffusionPipeline:
+    """Stable Video Diffusion layout: image-conditioned spatio-temporal UNet and temporal VAE."""
+    torch.manual_seed(_SEED)
+    unet = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32,
+        num_attention_heads=(2, 4),
+        projection_class_embeddings_input_dim=3 * 8,
+        addition_time_embed_dim=8,
+    )
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32, 32, 32),  # its norm layers have 32 groups
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+    )
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,  # the pipeline resizes conditioning images to 224 itself
+            intermediate_size=37,
+            patch_size=32,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(crop_size=224, size=224)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=True,
+    )
+    return StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+
+
+def _build_tiny_motion_adapter(_tmp: Path) -> MotionAdapter:
+    """An AnimateDiff motion adapter shaped for tiny-sd's UNet."""
+    torch.manual_seed(_SEED)
+    return MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=32,
+        motion_num_attention_heads=4,
+        motion_max_seq_length=32,
+    )
+
+
+_BUILDERS = {
+    "tiny-sd": _build_tiny_sd,
+    "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-t2v": _build_tiny_t2v,
+    "tiny-svd": _build_tiny_svd,
+    TINY_MOTION_ADAPTER: _build_tiny_motion_adapter,
+}
 
 
 def ensure_tiny_model(model_id: str, models_dir: Path) -> Path:
     """Build the tiny model into `models_dir/model_id` once; return the diffusers folder."""
     folder = models_dir / model_id
-    if (folder / "model_index.json").exists():
+    if (folder / "model_index.json").exists() or (folder / "config.json").exists():
         return folder
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir))
@@ -174,7 +292,7 @@ def ensure_tiny_model(model_id: str, models_dir: Path) -> Path:
         try:
             os.replace(staging / "model", folder)
         except OSError:
-            if not (folder / "model_index.json").exists():  # not a lost race: a real failure
+            if not folder.exists():  # not a lost race: a real failure
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,16 +14,20 @@ import uuid
 from PIL import Image
 
 from sdserve.engine.images import ImageEngine
+from sdserve.engine.video import VideoEngine
 from sdserve.errors import SdserveError
 from sdserve.jobs.notify import CompletionBus
 from sdserve.jobs.store import JobStore, JobView
+from sdserve.media.video import decode_video, encode_video
 from sdserve.schemas.images import GenerationParams
+from sdserve.schemas.video import VideoParams
 from sdserve.settings import Settings
 from sdserve.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
 _MAINTENANCE_INTERVAL = 30.0
+VIDEO_KINDS = ("animatediff", "t2v", "svd")
 
 
 class Worker:
@@ -38,6 +42,7 @@ class Worker:
         self.settings = settings
         self.store = store
         self.engine = engine
+        self.video = VideoEngine(engine)
         self.storage = storage
         self.bus = bus
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -108,7 +113,9 @@ class Worker:
         try:
             if job.kind == "model_reload":
                 self.engine.pipeline(job.model_id)
-                result = {"output": [], "meta": {"model_id": job.model_id}}
+                result = {"output_keys": [], "meta": {"model_id": job.model_id}}
+            elif job.kind in VIDEO_KINDS:
+                result = self._run_video_job(job)
             else:
                 result = self._run_image_job(job)
         except SdserveError as exc:
@@ -157,6 +164,46 @@ class Worker:
             "nsfw_content_detected": any(outcome.nsfw),
             "timings": timings,
         }
+
+    def _run_video_job(self, job: JobView) -> dict:
+        params = VideoParams.model_validate(job.params)
+        inputs = job.params.get("input_keys", {})
+        init_frames = None
+        if "init_image" in inputs:
+            init_frames = [self._input_image(inputs["init_image"])]
+        elif "init_video" in inputs:
+            data = self.storage.get(inputs["init_video"])
+            init_frames = decode_video(data, "init_video", self.settings.max_video_frames)
+
+        started = time.perf_counter()
+        outcome = self.video.generate(params, init_frames, self._progress(job))
+        encoded = encode_video(outcome.frames, params.fps, params.output_type)
+        key = job.params["output_keys"][0]
+        self.storage.put(key, base64.b64encode(encoded) if params.base64 else encoded)
+        return {
+            "output_keys": [key],
+            "meta": dict(job.params.get("meta", {})),
+            "timings": {
+                "queue_wait": round((job.started_at or job.created_at) - job.created_at, 4),
+                "pipeline": round(outcome.pipeline_seconds, 4),
+                "worker": round(time.perf_counter() - started, 4),
+            },
+        }
+
+    def _progress(self, job: JobView):
+        """A step callback that writes progress (and renews the lease) at most every 0.2 s."""
+        last_write = [0.0]
+
+        def on_step(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last_write[0] >= _PROGRESS_INTERVAL:
+                last_write[0] = now
+                step = round(done * job.total_steps / max(total, 1))
+                self.store.report_progress(
+                    self.worker_id, job.id, step, self.settings.lease_seconds
+                )
+
+        return on_step
 
     def _input_image(self, key: str | None) -> Image.Image | None:
         if not key:

@@ -16,6 +16,11 @@ from sdserve.settings import Settings
 
 async def load_image_input(value: str, field: str, settings: Settings) -> Image.Image:
     """An RGB image from what a client sent; every failure is a BadImage naming the field."""
+    return decode_image(await read_input_bytes(value, field, settings), field, settings)
+
+
+async def read_input_bytes(value: str, field: str, settings: Settings) -> bytes:
+    """The bytes behind an http(s) URL, a data URL or raw base64, within the size limit."""
     value = value.strip()
     if "://" in value[:16]:
         data = await _download(value, field, settings)
@@ -23,7 +28,7 @@ async def load_image_input(value: str, field: str, settings: Settings) -> Image.
         data = _decode_base64(value, field)
     if len(data) > settings.max_image_bytes:
         raise BadImage(field, f"{field} is larger than {_mb(settings.max_image_bytes)} MB")
-    return decode_image(data, field, settings)
+    return data
 
 
 def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:

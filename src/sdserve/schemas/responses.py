@@ -12,9 +12,14 @@ FETCH_PATHS = {
     "community": "/api/v3/dreambooth/fetch/{id}",
     "images": "/api/v6/images/fetch/{id}",
     "realtime": "/api/v6/realtime/fetch/{id}",
+    "v4video": "/api/v3/dreambooth/fetch/{id}",
+    "v5video": "/api/v3/fetch/{id}",
+    "video": "/api/v6/video/fetch/{id}",
+    "enterprise": "/api/v1/enterprise/video/fetch/{id}",
 }
 _PROCESSING_MESSAGES = {
     "v3": "Try to fetch request after given estimated time",
+    "v4video": "Try to fetch request after given estimated time",
 }
 _DEFAULT_PROCESSING_MESSAGE = "Try to fetch request after seconds estimated"
 _PROCESSING_TIP = "Your image is processing in background, you can get this image using fetch API"

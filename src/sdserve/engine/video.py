@@ -1,0 +1,234 @@
+"""Runs video jobs: AnimateDiff on any SD1.5 model, text-to-video UNets (ModelScope / Zeroscope), SVD."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    AnimateDiffVideoToVideoPipeline,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableVideoDiffusionPipeline,
+    TextToVideoSDPipeline,
+)
+from PIL import Image
+
+from sdserve.engine import tiny
+from sdserve.engine.images import ImageEngine, StepCallback, apply_loras
+from sdserve.engine.prompts import encode_prompts
+from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
+from sdserve.errors import EngineError, ValidationFailed
+from sdserve.schemas.video import VideoParams
+
+
+@dataclass
+class VideoResult:
+    frames: list[Image.Image]
+    pipeline_seconds: float
+
+
+class VideoEngine:
+    """Shares the image engine's device, registry and residency cache (one GPU, one budget)."""
+
+    def __init__(self, images: ImageEngine):
+        self.images = images
+        self.settings = images.settings
+        self.registry = images.registry
+        self._lock = threading.Lock()
+
+    def generate(
+        self, p: VideoParams, init_frames: list[Image.Image] | None, on_step: StepCallback | None
+    ) -> VideoResult:
+        with self._lock:
+            if p.kind == "animatediff":
+                run = self._animatediff
+            elif p.kind == "t2v":
+                run = self._text_to_video
+            else:
+                run = self._svd
+            started = time.perf_counter()
+            try:
+                frames = run(p, init_frames, _step_callback(on_step))
+            except (EngineError, ValidationFailed, torch.cuda.OutOfMemoryError):
+                raise
+            except Exception as exc:
+                raise EngineError(f"Video generation failed: {exc}") from exc
+            return VideoResult(frames, time.perf_counter() - started)
+
+    # ---- AnimateDiff ---------------------------------------------------------------------
+
+    def animate_pipeline(self, model_id: str) -> AnimateDiffPipeline:
+        """The model's UNet with motion modules, cached beside the image pipeline."""
+        base = self.images.pipeline(model_id)
+        check_animatable(model_id, base)
+        adapter = (
+            tiny.TINY_MOTION_ADAPTER
+            if model_id in tiny.TINY_MODELS
+            else self.settings.motion_adapter
+        )
+
+        def load() -> AnimateDiffPipeline:
+            motion = self.registry.load_motion_adapter(
+                adapter, self.images.device, self.images.dtype
+            )
+            pipe = AnimateDiffPipeline.from_pipe(base, motion_adapter=motion)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe.to(self.images.device, self.images.dtype)
+
+        return self.images.cache.get(f"{model_id}+{adapter}", load)
+
+    def _animatediff(self, p: VideoParams, init_frames, callback) -> list[Image.Image]:
+        pipe = self.animate_pipeline(p.model_id)
+        apply_loras(pipe, p.loras, self.registry)
+        context = self.settings.motion_context_frames
+        if p.num_frames > context:
+            # Past the adapter's native window: overlapping context windows (FreeNoise).
+            pipe.enable_free_noise(context_length=context, context_stride=max(1, context // 4))
+        elif pipe.free_noise_enabled:
+            pipe.disable_free_noise()
+        if p.use_improved_sampling:
+            pipe.enable_free_init(num_iters=2, method="butterworth", use_fast_sampling=False)
+        else:
+            pipe.disable_free_init()
+        choice = resolve_scheduler_name(p.scheduler, None, None)
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, choice)
+
+        common = dict(
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+            decode_chunk_size=self.settings.video_decode_chunk,
+            output_type="pil",
+            callback_on_step_end=callback,
+        )
+        if pipe.free_noise_enabled:
+            # FreeNoise encodes prompts per window itself; it takes plain text.
+            common.update(
+                prompt=p.prompt,
+                negative_prompt=p.negative_prompt,
+                clip_skip=_diffusers_clip_skip(p),
+            )
+        else:
+            common.update(encode_prompts(pipe, [p.prompt], [p.negative_prompt], p.clip_skip))
+        if init_frames:
+            v2v = AnimateDiffVideoToVideoPipeline.from_pipe(pipe)
+            v2v.set_progress_bar_config(disable=True)
+            video = [
+                f.resize((p.width, p.height), Image.LANCZOS)
+                for f in _resample(init_frames, p.num_frames)
+            ]
+            return v2v(
+                video=video, strength=p.strength, height=p.height, width=p.width, **common
+            ).frames[0]
+        return pipe(num_frames=p.num_frames, height=p.height, width=p.width, **common).frames[0]
+
+    # ---- text-to-video UNet (v5) ---------------------------------------------------------
+
+    def _text_to_video(self, p: VideoParams, _init, callback) -> list[Image.Image]:
+        pipe = self.images.pipeline(p.model_id)
+        if not isinstance(pipe, TextToVideoSDPipeline):
+            raise ValidationFailed(
+                {"model_id": [f"Model {p.model_id} is not a text-to-video model."]}
+            )
+        choice = resolve_scheduler_name(p.scheduler, None, None)
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, choice)
+        latents = pipe(
+            num_frames=p.num_frames,
+            height=p.height,
+            width=p.width,
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+            output_type="latent",
+            # this (deprecated) pipeline has only the old-style step callback
+            callback=lambda step, _t, _latents: callback(pipe, step, None, {}),
+            callback_steps=1,
+            **encode_prompts(pipe, [p.prompt], [p.negative_prompt], p.clip_skip),
+        ).frames
+        return self._decode_chunked(pipe, latents)
+
+    def _decode_chunked(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
+        """Decode [1, C, F, h, w] latents a few frames at a time, so long clips fit in memory."""
+        latents = latents[0].permute(1, 0, 2, 3) / pipe.vae.config.scaling_factor  # [F, C, h, w]
+        chunk = self.settings.video_decode_chunk
+        frames = []
+        with torch.no_grad():
+            for start in range(0, latents.shape[0], chunk):
+                pixels = pipe.vae.decode(latents[start : start + chunk].to(pipe.vae.dtype)).sample
+                frames.extend(_to_images(pixels))
+        return frames
+
+    # ---- Stable Video Diffusion (img2video) ------------------------------------------------
+
+    def _svd(self, p: VideoParams, init_frames, callback) -> list[Image.Image]:
+        pipe = self.images.pipeline(p.model_id)
+        if not isinstance(pipe, StableVideoDiffusionPipeline):
+            raise ValidationFailed(
+                {"model_id": [f"Model {p.model_id} is not an image-to-video model."]}
+            )
+        image = init_frames[0].resize((p.width, p.height), Image.LANCZOS)
+        return pipe(
+            image,
+            height=p.height,
+            width=p.width,
+            num_frames=p.num_frames,
+            num_inference_steps=p.steps,
+            min_guidance_scale=p.min_guidance_scale,
+            max_guidance_scale=p.max_guidance_scale,
+            fps=p.fps,
+            motion_bucket_id=p.motion_bucket_id,
+            noise_aug_strength=p.noise_aug_strength,
+            decode_chunk_size=self.settings.video_decode_chunk,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+            output_type="pil",
+            callback_on_step_end=callback,
+        ).frames[0]
+
+
+def check_animatable(model_id: str, pipe: DiffusionPipeline) -> None:
+    """AnimateDiff's SD1.5 motion modules fit SD1.x UNets only."""
+    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+    if (
+        not isinstance(pipe, StableDiffusionPipeline)
+        or unet_config is None
+        or unet_config.cross_attention_dim == 1024
+    ):
+        raise ValidationFailed(
+            {
+                "model_id": [
+                    f"Model {model_id} is not an SD1.5-family model; text2video animates SD1.5 models only."
+                ]
+            }
+        )
+
+
+def _diffusers_clip_skip(p: VideoParams) -> int | None:
+    return p.clip_skip - 1 if p.clip_skip and p.clip_skip > 1 else None
+
+
+def _resample(frames: list[Image.Image], count: int) -> list[Image.Image]:
+    """Exactly `count` frames, picked evenly (a single init image becomes a still clip)."""
+    indices = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    return [frames[i] for i in indices]
+
+
+def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    array = (
+        ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    )
+    return [Image.fromarray(frame) for frame in array]
+
+
+def _step_callback(on_step: StepCallback | None):
+    def callback(pipe, step_index, _timestep, callback_kwargs):
+        if on_step is not None:
+            total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
+            on_step(step_index + 1, total)
+        return callback_kwargs
+
+    return callback
