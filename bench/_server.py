@@ -14,11 +14,26 @@ from pathlib import Path
 import httpx
 
 ADMIN_KEY = "bench-admin-key"
+_PIDS: dict[str, int] = {}
+
+
+def server_pid(url: str) -> int:
+    return _PIDS[url]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process (Linux VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 @contextmanager
-def running_server(**env: str):
+def running_server(data_dir: str | None = None, **env: str):
+    """Yields the server's base URL; `server_pid()` inside gives its pid."""
     with tempfile.TemporaryDirectory(prefix="sdserve-bench-") as tmp:
+        tmp = data_dir or tmp
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -47,6 +62,7 @@ def running_server(**env: str):
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
+        _PIDS[url] = proc.pid
         try:
             for _ in range(600):
                 try:
