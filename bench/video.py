@@ -21,6 +21,7 @@ import torch
 from _server import ADMIN_KEY, peak_rss_mb, running_server, server_pid
 from diffusers import (
     AnimateDiffPipeline,
+    DDIMScheduler,
     MotionAdapter,
     StableDiffusionPipeline,
     UNet2DConditionModel,
