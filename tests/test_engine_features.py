@@ -139,13 +139,14 @@ def test_a1111_weighting_and_long_prompts(server, user_key):
     )
 
 
-def test_local_folder_and_single_file_models(server, user_key, tiny_models_dir, tiny_pipe):
+def test_local_folder_and_single_file_models(server, user_key, tiny_models_dir):
     from sdserve.engine.checkpoints import export_single_file
 
     models = server.data_dir / "models"
     shutil.copytree(tiny_models_dir / "tiny-sd", models / "my-folder-model")
-    export_single_file(tiny_pipe, server.data_dir / "my-checkpoint.safetensors")
-    export_single_file(tiny_pipe, server.data_dir / "my-checkpoint.ckpt")
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_models_dir / "tiny-sd")
+    export_single_file(fresh, server.data_dir / "my-checkpoint.safetensors")
+    export_single_file(fresh, server.data_dir / "my-checkpoint.ckpt")
     catalogue = {
         "my-file-model": {
             "source": str(server.data_dir / "my-checkpoint.safetensors"),

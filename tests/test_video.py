@@ -330,3 +330,27 @@ def test_killed_worker_mid_video_is_finished_by_another(tmp_path):
                 proc.terminate()
                 proc.wait(timeout=60)
         api.stop()
+
+
+def test_text2video_from_a_single_file_checkpoint(server, user_key, tiny_models_dir):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdserve.engine.checkpoints import export_single_file
+
+    checkpoint = server.data_dir / "imported" / "my-anime.safetensors"
+    export_single_file(
+        StableDiffusionPipeline.from_pretrained(tiny_models_dir / "tiny-sd"), checkpoint
+    )
+    catalogue_path = server.data_dir / "models.json"
+    catalogue = json.loads(catalogue_path.read_text()) if catalogue_path.exists() else {}
+    catalogue["my-anime"] = {"source": str(checkpoint), "config": str(tiny_models_dir / "tiny-sd")}
+    catalogue_path.write_text(json.dumps(catalogue))
+
+    body = {"key": user_key, "prompt": "a fox", **SMALL, "num_frames": 8, "seed": 21}
+    imported = server.post("/api/v4/dreambooth/text2video", {**body, "model_id": "my-anime"}).json()
+    assert imported["status"] == "success", imported
+    builtin = server.post("/api/v4/dreambooth/text2video", {**body, "model_id": "tiny-sd"}).json()
+    a, b = (np.stack(read_mp4(d["output"][0])[3]).astype(int) for d in (imported, builtin))
+    assert a.shape == (8, 64, 80, 3) and np.abs(a - b).max() <= 2  # same weights, same clip

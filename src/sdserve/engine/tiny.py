@@ -40,7 +40,7 @@ from transformers import (
 # Generation models (usable as model_id) and the motion adapter that animates tiny-sd.
 TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-t2v", "tiny-svd")
 TINY_MOTION_ADAPTER = "tiny-motion-adapter"
-TINY_MOTION_CONTEXT = 16  # frames the tiny adapter sees at once, like the real v1.5 adapters
+TINY_UNET_CHANNELS = (32, 64)
 _SEED = 0
 
 
@@ -73,12 +73,12 @@ def write_char_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> CLIP
     return tokenizer
 
 
-def _text_config(vocab_size: int, **extra) -> CLIPTextConfig:
+def _text_config(vocab_size: int, hidden_size: int = 32, **extra) -> CLIPTextConfig:
     return CLIPTextConfig(
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
@@ -113,7 +113,7 @@ def _scheduler() -> EulerDiscreteScheduler:
 def _build_tiny_sd(tmp: Path) -> StableDiffusionPipeline:
     torch.manual_seed(_SEED)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=TINY_UNET_CHANNELS,
         layers_per_block=1,
         sample_size=8,
         in_channels=4,
@@ -154,16 +154,18 @@ def _build_tiny_sdxl(tmp: Path) -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=6 * 8 + 40,
+        cross_attention_dim=32 + 40,
         norm_num_groups=32,
     )
     vae = _vae()
     tokenizer = write_char_tokenizer(tmp / "tokenizer")
     tokenizer_2 = write_char_tokenizer(tmp / "tokenizer_2", pad_token="!")
     text_encoder = CLIPTextModel(_text_config(len(tokenizer), hidden_act="gelu", projection_dim=32))
+    # A different width from the first encoder, as in real SDXL (768 vs 1280): single-file
+    # loaders tell the two encoders apart by it.
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(len(tokenizer_2), hidden_act="gelu", projection_dim=32)
+        _text_config(len(tokenizer_2), hidden_act="gelu", projection_dim=40, hidden_size=40)
     )
     return StableDiffusionXLPipeline(
         unet=unet,
@@ -262,7 +264,7 @@ def _build_tiny_motion_adapter(_tmp: Path) -> MotionAdapter:
     """An AnimateDiff motion adapter shaped for tiny-sd's UNet."""
     torch.manual_seed(_SEED)
     return MotionAdapter(
-        block_out_channels=(32, 64),
+        block_out_channels=TINY_UNET_CHANNELS,
         motion_layers_per_block=1,
         motion_norm_num_groups=32,
         motion_num_attention_heads=4,

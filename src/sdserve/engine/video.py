@@ -63,16 +63,20 @@ class VideoEngine:
     # ---- AnimateDiff ---------------------------------------------------------------------
 
     def animate_pipeline(self, model_id: str) -> AnimateDiffPipeline:
-        """The model's UNet with motion modules, cached beside the image pipeline."""
-        base = self.images.pipeline(model_id)
-        check_animatable(model_id, base)
-        adapter = (
-            tiny.TINY_MOTION_ADAPTER
-            if model_id in tiny.TINY_MODELS
-            else self.settings.motion_adapter
-        )
+        """The model's UNet with motion modules, cached beside the image pipeline.
+
+        Built from its own load of the model, not from the image pipeline, whose UNet may carry
+        LoRA layers that the motion UNet must not inherit.
+        """
 
         def load() -> AnimateDiffPipeline:
+            source = self.registry.resolve(model_id)
+            base = self.registry.load(source, self.images.device, self.images.dtype)
+            check_animatable(model_id, base)
+            # The built-in tiny adapter fits tiny-shaped UNets (tiny-sd and models made from
+            # it); everything else gets the configured SD1.5 adapter.
+            tiny_shaped = tuple(base.unet.config.block_out_channels) == tiny.TINY_UNET_CHANNELS
+            adapter = tiny.TINY_MOTION_ADAPTER if tiny_shaped else self.settings.motion_adapter
             motion = self.registry.load_motion_adapter(
                 adapter, self.images.device, self.images.dtype
             )
@@ -80,7 +84,7 @@ class VideoEngine:
             pipe.set_progress_bar_config(disable=True)
             return pipe.to(self.images.device, self.images.dtype)
 
-        return self.images.cache.get(f"{model_id}+{adapter}", load)
+        return self.images.cache.get(f"{model_id}+animatediff", load)
 
     def _animatediff(self, p: VideoParams, init_frames, callback) -> list[Image.Image]:
         pipe = self.animate_pipeline(p.model_id)
