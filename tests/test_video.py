@@ -354,3 +354,27 @@ def test_text2video_from_a_single_file_checkpoint(server, user_key, tiny_models_
     builtin = server.post("/api/v4/dreambooth/text2video", {**body, "model_id": "tiny-sd"}).json()
     a, b = (np.stack(read_mp4(d["output"][0])[3]).astype(int) for d in (imported, builtin))
     assert a.shape == (8, 64, 80, 3) and np.abs(a - b).max() <= 2  # same weights, same clip
+
+
+def test_clip_skip_and_weighting_on_long_clips(server, user_key):
+    base = {
+        "key": user_key,
+        "model_id": "tiny-sd",
+        "prompt": "a red fox",
+        **SMALL,
+        "num_frames": 20,
+        "seed": 4,
+        "output_type": "gif",
+    }
+
+    def clip(**change):
+        data = server.post("/api/v4/dreambooth/text2video", {**base, **change}).json()
+        assert data["status"] == "success", data
+        image = Image.open(io.BytesIO(httpx.get(data["output"][0]).content))
+        image.seek(10)
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    plain = clip()
+    assert np.abs(plain - clip(clip_skip=2)).max() > 2
+    assert np.abs(plain - clip(prompt="a (red:1.8) fox")).max() > 2
+    assert np.abs(plain - clip()).max() <= 1

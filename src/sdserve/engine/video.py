@@ -82,6 +82,7 @@ class VideoEngine:
             )
             pipe = AnimateDiffPipeline.from_pipe(base, motion_adapter=motion)
             pipe.set_progress_bar_config(disable=True)
+            _encode_with_sdserve_prompts(pipe)
             return pipe.to(self.images.device, self.images.dtype)
 
         return self.images.cache.get(f"{model_id}+animatediff", load)
@@ -103,6 +104,11 @@ class VideoEngine:
         pipe.scheduler = make_scheduler(pipe.scheduler.config, choice)
 
         common = dict(
+            # Text, not embeddings: FreeNoise encodes per context window itself (through
+            # sdserve's prompt encoder, see _encode_with_sdserve_prompts).
+            prompt=p.prompt,
+            negative_prompt=p.negative_prompt,
+            clip_skip=_diffusers_clip_skip(p),
             num_inference_steps=p.steps,
             guidance_scale=p.guidance_scale,
             generator=torch.Generator("cpu").manual_seed(p.seed),
@@ -110,15 +116,6 @@ class VideoEngine:
             output_type="pil",
             callback_on_step_end=callback,
         )
-        if pipe.free_noise_enabled:
-            # FreeNoise encodes prompts per window itself; it takes plain text.
-            common.update(
-                prompt=p.prompt,
-                negative_prompt=p.negative_prompt,
-                clip_skip=_diffusers_clip_skip(p),
-            )
-        else:
-            common.update(encode_prompts(pipe, [p.prompt], [p.negative_prompt], p.clip_skip))
         if init_frames:
             v2v = AnimateDiffVideoToVideoPipeline.from_pipe(pipe)
             v2v.set_progress_bar_config(disable=True)
@@ -209,6 +206,35 @@ def check_animatable(model_id: str, pipe: DiffusionPipeline) -> None:
                 ]
             }
         )
+
+
+def _encode_with_sdserve_prompts(pipe: AnimateDiffPipeline) -> None:
+    """Route the pipeline's own prompt encoding (used by FreeNoise too) through sdserve's:
+    A1111 weights, no 77-token limit, and a clip_skip that works on transformers 5."""
+
+    def encode_prompt(
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        lora_scale=None,
+        clip_skip=None,
+    ):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt or ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        # diffusers counts skipped layers (0 = last); the API counts layers (1 = last)
+        embeds = encode_prompts(
+            pipe, prompts, negatives, None if clip_skip is None else clip_skip + 1
+        )
+        positive = embeds["prompt_embeds"].repeat_interleave(num_images_per_prompt, dim=0)
+        negative = embeds["negative_prompt_embeds"].repeat_interleave(num_images_per_prompt, dim=0)
+        return positive, (negative if do_classifier_free_guidance else None)
+
+    pipe.encode_prompt = encode_prompt
 
 
 def _diffusers_clip_skip(p: VideoParams) -> int | None:
