@@ -352,8 +352,15 @@ def test_text2video_from_a_single_file_checkpoint(server, user_key, tiny_models_
     imported = server.post("/api/v4/dreambooth/text2video", {**body, "model_id": "my-anime"}).json()
     assert imported["status"] == "success", imported
     builtin = server.post("/api/v4/dreambooth/text2video", {**body, "model_id": "tiny-sd"}).json()
-    a, b = (np.stack(read_mp4(d["output"][0])[3]).astype(int) for d in (imported, builtin))
-    assert a.shape == (8, 64, 80, 3) and np.abs(a - b).max() <= 2  # same weights, same clip
+    reseeded = server.post(
+        "/api/v4/dreambooth/text2video", {**body, "model_id": "tiny-sd", "seed": 22}
+    ).json()
+    a, b, c = (
+        np.stack(read_mp4(d["output"][0])[3]).astype(int) for d in (imported, builtin, reseeded)
+    )
+    assert a.shape == (8, 64, 80, 3)
+    # Same weights, same seed: the same clip up to H.264's lossy coding, far closer than a reseed.
+    assert np.abs(a - b).mean() < 0.25 * np.abs(b - c).mean()
 
 
 def test_clip_skip_and_weighting_on_long_clips(server, user_key):
