@@ -174,6 +174,7 @@ def test_sizes_and_steps_are_clamped(tmp_path):
         body = _body(
             ADMIN_KEY, "text2img", width=2000, height=70, num_inference_steps=500, samples=9
         )
+        body["instant_response"] = True
         meta = api.post("/api/v4/dreambooth", body).json()["meta"]
         assert (meta["W"], meta["H"], meta["steps"], meta["n_samples"]) == (1024, 64, 50, 4)
     finally:
