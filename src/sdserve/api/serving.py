@@ -18,6 +18,7 @@ from sdserve.media.images import encode_png, load_image_input, read_input_bytes
 from sdserve.media.video import decode_video
 from sdserve.schemas.images import (
     Family,
+    GenerationParams,
     Kind,
     build_meta,
     normalize_image_request,
@@ -27,6 +28,7 @@ from sdserve.schemas.responses import job_body
 from sdserve.schemas.video import (
     VideoFamily,
     VideoKind,
+    VideoParams,
     build_video_meta,
     normalize_video_request,
     parse_video_request,
@@ -78,6 +80,18 @@ async def submit_image_job(
     stored["output_keys"] = [f"{params.output_folder}/{name}" for name in params.output_names()]
     stored["input_keys"] = input_keys
 
+    return await _queue_and_wait(state, principal, kind, family, params, stored)
+
+
+async def _queue_and_wait(
+    state: ServerState,
+    principal: Principal,
+    kind: str,
+    family: str,
+    params: GenerationParams | VideoParams,
+    stored: dict[str, Any],
+) -> dict[str, Any]:
+    """Insert the job row, wake the in-process worker, and answer per the response timing."""
     job = await run_in_threadpool(
         state.store.submit,
         kind=kind,
@@ -93,7 +107,7 @@ async def submit_image_job(
         queue_limit=principal.queue_limit,
     )
     state.bus.work_available.set()
-    wait = 0.0 if params.instant_response else settings.sync_wait_seconds
+    wait = 0.0 if params.instant_response else state.settings.sync_wait_seconds
     return await respond_when_done(state, job, wait)
 
 
@@ -171,23 +185,7 @@ async def submit_video_job(
     stored["meta"] = build_video_meta(params, scheduler=choice.class_name)
     stored["output_keys"] = [params.output_key]
     stored["input_keys"] = input_keys
-    job = await run_in_threadpool(
-        state.store.submit,
-        kind=kind,
-        family=family,
-        model_id=model_id,
-        batch_key=params.batch_key,
-        owner=principal.owner,
-        params=stored,
-        total_steps=params.steps,
-        cost=params.cost,
-        track_id=None if params.track_id is None else str(params.track_id),
-        webhook=params.webhook,
-        queue_limit=principal.queue_limit,
-    )
-    state.bus.work_available.set()
-    wait = 0.0 if params.instant_response else settings.sync_wait_seconds
-    return await respond_when_done(state, job, wait)
+    return await _queue_and_wait(state, principal, kind, family, params, stored)
 
 
 def _video_kind(model_id: str, model_family: str | None, image_to_video: bool) -> VideoKind:

@@ -18,6 +18,7 @@ from sdserve.engine.video import VideoEngine
 from sdserve.errors import SdserveError
 from sdserve.jobs.notify import CompletionBus
 from sdserve.jobs.store import JobStore, JobView
+from sdserve.media.images import encode_png
 from sdserve.media.video import decode_video, encode_video
 from sdserve.schemas.images import GenerationParams
 from sdserve.schemas.video import VideoParams
@@ -150,19 +151,14 @@ class Worker:
         outcome = self.engine.generate(params, init, mask, on_step)
         keys = job.params["output_keys"][: len(outcome.images)]
         for key, image in zip(keys, outcome.images, strict=True):
-            png = _png_bytes(image)
+            png = encode_png(image)
             self.storage.put(key, base64.b64encode(png) if params.base64 else png)
         meta = dict(job.params.get("meta", {}))
-        timings = {
-            "queue_wait": round((job.started_at or job.created_at) - job.created_at, 4),
-            "pipeline": round(outcome.pipeline_seconds, 4),
-            "worker": round(time.perf_counter() - started, 4),
-        }
         return {
             "output_keys": keys,  # URLs are made at answer time, from the API's public URL
             "meta": meta,
             "nsfw_content_detected": any(outcome.nsfw),
-            "timings": timings,
+            "timings": _timings(job, outcome.pipeline_seconds, started),
         }
 
     def _run_video_job(self, job: JobView) -> dict:
@@ -183,11 +179,7 @@ class Worker:
         return {
             "output_keys": [key],
             "meta": dict(job.params.get("meta", {})),
-            "timings": {
-                "queue_wait": round((job.started_at or job.created_at) - job.created_at, 4),
-                "pipeline": round(outcome.pipeline_seconds, 4),
-                "worker": round(time.perf_counter() - started, 4),
-            },
+            "timings": _timings(job, outcome.pipeline_seconds, started),
         }
 
     def _progress(self, job: JobView):
@@ -215,7 +207,10 @@ class Worker:
             self.bus.publish(job_id)
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _timings(job: JobView, pipeline_seconds: float, started: float) -> dict[str, float]:
+    """Where a job's time went, in seconds (shown in fetch as `timings`)."""
+    return {
+        "queue_wait": round((job.started_at or job.created_at) - job.created_at, 4),
+        "pipeline": round(pipeline_seconds, 4),
+        "worker": round(time.perf_counter() - started, 4),
+    }
