@@ -39,15 +39,27 @@ class Job(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     generation_time: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # Webhook delivery state: none | pending | delivered | gave_up
-    webhook_state: Mapped[str] = mapped_column(String(16), default="none")
-    webhook_next_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_owner_status", "owner", "status"),
-        Index("ix_jobs_webhook", "webhook_state", "webhook_next_at"),
     )
+
+
+class WebhookOutbox(Base):
+    """A webhook owed: a job's final answer (payload None: built when sent) or a training stage."""
+
+    __tablename__ = "webhook_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|delivered|gave_up
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_outbox_due", "state", "next_at"),)
 
 
 class WebhookDelivery(Base):
@@ -57,6 +69,7 @@ class WebhookDelivery(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    outbox_id: Mapped[int] = mapped_column(Integer, index=True)
     attempt: Mapped[int] = mapped_column(Integer)
     url: Mapped[str] = mapped_column(Text)
     sent_at: Mapped[float] = mapped_column(Float)
@@ -87,3 +100,20 @@ class StepTiming(Base):
     model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     seconds_per_unit: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Training(Base):
+    """A fine-tuning run (§4): its public 10-character id, stage, readable log, and what it made."""
+
+    __tablename__ = "trainings"
+
+    training_id: Mapped[str] = mapped_column(String(10), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # lora | dreambooth | sandbox
+    base_model_id: Mapped[str] = mapped_column(String(200))
+    instance_prompt: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(String(40))
+    log: Mapped[str] = mapped_column(Text, default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)

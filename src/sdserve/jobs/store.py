@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
-from sdserve.jobs.db import Base, Job, StepTiming, WebhookDelivery
+from sdserve.jobs.db import Base, Job, StepTiming, WebhookDelivery, WebhookOutbox
 
 ADMIN_OWNER = "admin"
 FINISHED = ("success", "failed")
@@ -344,30 +344,37 @@ class JobStore:
         job.lease_owner = None
         job.lease_expires = None
         if job.webhook:
-            job.webhook_state = "pending"
-            job.webhook_next_at = now
+            Session.object_session(job).add(
+                WebhookOutbox(job_id=job.id, url=job.webhook, payload=None, next_at=now)
+            )
 
     # ---- webhooks --------------------------------------------------------------------------
 
-    def claim_webhooks(self, limit: int, hold_seconds: float) -> list[JobView]:
-        """Jobs whose webhook is due; pushes their next time forward so no one else sends now."""
+    def add_webhook(self, s: Session, job_id: int, url: str, payload: dict | None) -> None:
+        s.add(WebhookOutbox(job_id=job_id, url=url, payload=payload, next_at=time.time()))
+
+    def claim_webhooks(
+        self, limit: int, hold_seconds: float
+    ) -> list[tuple[int, str, dict | None, JobView]]:
+        """Due webhooks as (outbox id, url, payload, job); pushed forward so no one else sends now."""
         now = time.time()
         with self.session(write=True) as s:
-            jobs = s.scalars(
-                select(Job)
-                .where(Job.webhook_state == "pending", Job.webhook_next_at <= now)
-                .order_by(Job.webhook_next_at)
+            rows = s.scalars(
+                select(WebhookOutbox)
+                .where(WebhookOutbox.state == "pending", WebhookOutbox.next_at <= now)
+                .order_by(WebhookOutbox.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()
-            for job in jobs:
-                job.webhook_next_at = now + hold_seconds
-            return [JobView.of(job) for job in jobs]
+            due = []
+            for row in rows:
+                row.next_at = now + hold_seconds
+                due.append((row.id, row.url, row.payload, JobView.of(s.get(Job, row.job_id))))
+            return due
 
     def record_webhook_attempt(
         self,
-        job_id: int,
-        url: str,
+        outbox_id: int,
         status_code: int | None,
         error: str | None,
         ok: bool,
@@ -376,27 +383,26 @@ class JobStore:
     ) -> None:
         now = time.time()
         with self.session(write=True) as s:
-            attempt = 1 + s.scalar(
-                select(func.count(WebhookDelivery.id)).where(WebhookDelivery.job_id == job_id)
-            )
+            row = s.get(WebhookOutbox, outbox_id)
+            row.attempts += 1
             s.add(
                 WebhookDelivery(
-                    job_id=job_id,
-                    attempt=attempt,
-                    url=url,
+                    job_id=row.job_id,
+                    outbox_id=row.id,
+                    attempt=row.attempts,
+                    url=row.url,
                     sent_at=now,
                     status_code=status_code,
                     error=error,
                     ok=ok,
                 )
             )
-            job = s.get(Job, job_id)
             if ok:
-                job.webhook_state = "delivered"
-            elif attempt >= max_attempts:
-                job.webhook_state = "gave_up"
+                row.state = "delivered"
+            elif row.attempts >= max_attempts:
+                row.state = "gave_up"
             else:
-                job.webhook_next_at = now + backoff_seconds * 2 ** (attempt - 1)
+                row.next_at = now + backoff_seconds * 2 ** (row.attempts - 1)
 
     def webhook_deliveries(self, job_id: int) -> list[dict]:
         with self.session() as s:

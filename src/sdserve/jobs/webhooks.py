@@ -27,12 +27,13 @@ class WebhookDispatcher:
         self._client = httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False)
 
     def deliver_due(self) -> int:
-        jobs = self._store.claim_webhooks(limit=16, hold_seconds=self._settings.webhook_timeout + 5)
-        for job in jobs:
-            payload = job_body(job, None, self._settings.base_url)
+        due = self._store.claim_webhooks(limit=16, hold_seconds=self._settings.webhook_timeout + 5)
+        for outbox_id, url, payload, job in due:
+            if payload is None:  # a job's final answer, with links under today's public URL
+                payload = job_body(job, None, self._settings.base_url)
             status_code, error, ok = None, None, False
             try:
-                response = self._client.post(job.webhook, json=payload)
+                response = self._client.post(url, json=payload)
                 status_code = response.status_code
                 ok = 200 <= status_code < 300
                 if not ok:
@@ -40,15 +41,14 @@ class WebhookDispatcher:
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             self._store.record_webhook_attempt(
-                job.id,
-                job.webhook,
+                outbox_id,
                 status_code,
                 error,
                 ok,
                 self._settings.webhook_max_attempts,
                 self._settings.webhook_backoff_seconds,
             )
-        return len(jobs)
+        return len(due)
 
     def run(self, stop: threading.Event, interval: float = 0.25) -> None:
         while not stop.is_set():
