@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
-from sdserve.jobs.db import Base, Job, StepTiming, WebhookDelivery, WebhookOutbox
+from sdserve.jobs.db import Base, Job, StepTiming, Training, WebhookDelivery, WebhookOutbox
 
 ADMIN_OWNER = "admin"
 FINISHED = ("success", "failed")
@@ -133,31 +133,37 @@ class JobStore:
         queue_limit: int | None,
     ) -> JobView:
         with self.session(write=True) as s:
-            if queue_limit is not None:
-                waiting = s.scalar(
-                    select(func.count(Job.id)).where(
-                        Job.owner == owner, Job.status.in_(("queued", "processing"))
-                    )
+            return JobView.of(
+                self._insert_job(
+                    s,
+                    kind=kind,
+                    family=family,
+                    model_id=model_id,
+                    batch_key=batch_key,
+                    owner=owner,
+                    params=params,
+                    total_steps=total_steps,
+                    cost=cost,
+                    track_id=track_id,
+                    webhook=webhook,
+                    queue_limit=queue_limit,
                 )
-                if waiting >= queue_limit:
-                    raise RateLimited(queue_limit)
-            job = Job(
-                kind=kind,
-                family=family,
-                status="queued",
-                model_id=model_id,
-                batch_key=batch_key,
-                owner=owner,
-                params=params,
-                total_steps=total_steps,
-                cost=cost,
-                track_id=track_id,
-                webhook=webhook,
-                created_at=time.time(),
             )
-            s.add(job)
-            s.flush()
-            return JobView.of(job)
+
+    @staticmethod
+    def _insert_job(s: Session, *, owner: str, queue_limit: int | None, **fields) -> Job:
+        if queue_limit is not None:
+            waiting = s.scalar(
+                select(func.count(Job.id)).where(
+                    Job.owner == owner, Job.status.in_(("queued", "processing"))
+                )
+            )
+            if waiting >= queue_limit:
+                raise RateLimited(queue_limit)
+        job = Job(owner=owner, status="queued", created_at=time.time(), **fields)
+        s.add(job)
+        s.flush()
+        return job
 
     def get(self, job_id: int, owner: str | None = None) -> JobView:
         """The job, if `owner` may see it (None or the admin sees all). Others get JobNotFound."""
@@ -415,3 +421,132 @@ class JobStore:
                 {"attempt": r.attempt, "status_code": r.status_code, "error": r.error, "ok": r.ok}
                 for r in rows
             ]
+
+    # ---- trainings ---------------------------------------------------------------------------
+
+    def submit_training(
+        self,
+        *,
+        training_id: str,
+        kind: str,
+        job_kind: str,
+        base_model_id: str,
+        instance_prompt: str,
+        owner: str,
+        params: dict,
+        total_steps: int,
+        webhook: str | None,
+        queue_limit: int | None,
+    ) -> JobView:
+        """The training row and its queued job in one transaction, at stage `deploying_gpu`."""
+        with self.session(write=True) as s:
+            job = self._insert_job(
+                s,
+                kind=job_kind,
+                family="training",
+                model_id=base_model_id,
+                batch_key=f"train|{training_id}",
+                owner=owner,
+                params=params,
+                total_steps=total_steps,
+                cost=float(total_steps),
+                track_id=None,
+                webhook=None,  # training webhooks are owed per stage, see _stage
+                queue_limit=queue_limit,
+            )
+            row = Training(
+                training_id=training_id,
+                job_id=job.id,
+                owner=owner,
+                kind=kind,
+                base_model_id=base_model_id,
+                instance_prompt=instance_prompt,
+                stage="deploying_gpu",
+                log="",
+                created_at=time.time(),
+            )
+            s.add(row)
+            self._stage(s, row, "deploying_gpu", "request received, waiting for a GPU", webhook)
+            return JobView.of(job)
+
+    def get_training(self, training_id: str, owner: str | None = None) -> dict:
+        with self.session() as s:
+            row = s.get(Training, training_id)
+            if row is None or (owner not in (None, ADMIN_OWNER) and row.owner != owner):
+                raise TrainingNotFound()
+            return _training_dict(row)
+
+    def list_trainings(self, owner: str) -> list[dict]:
+        with self.session() as s:
+            query = select(Training).order_by(Training.created_at)
+            if owner != ADMIN_OWNER:
+                query = query.where(Training.owner == owner)
+            return [_training_dict(row) for row in s.scalars(query)]
+
+    def set_training_stage(
+        self, training_id: str, stage: str, line: str, webhook: str | None
+    ) -> None:
+        with self.session(write=True) as s:
+            row = s.get(Training, training_id)
+            if row is not None:
+                self._stage(s, row, stage, line, webhook)
+
+    def _stage(self, s: Session, row: Training, stage: str, line: str, webhook: str | None) -> None:
+        """Move to a stage, append to the readable log, and owe the webhook that stage."""
+        row.stage = stage
+        row.log += f" /n {stage}: {line}"
+        if webhook:
+            payload = {
+                "status": "failed"
+                if stage in ("training_failed", "training_cancelled")
+                else "success",
+                "training_status": stage,
+                "logs": line,
+                "model_id": row.training_id,
+                "training_id": row.training_id,
+            }
+            self.add_webhook(s, row.job_id, webhook, payload)
+
+    def request_cancel(self, training_id: str, owner: str) -> dict:
+        """Flag a training to stop; a queued one stops now, a running one within a step."""
+        training = self.get_training(training_id, owner)
+        with self.session(write=True) as s:
+            row = s.get(Training, training_id)
+            row.cancel_requested = True
+            job = s.get(Job, row.job_id)
+            if job.status == "queued":
+                self._finish(job, "failed", None, "Training cancelled", time.time())
+        return training
+
+    def training_cancelled(self, training_id: str) -> bool:
+        with self.session() as s:
+            return bool(
+                s.scalar(
+                    select(Training.cancel_requested).where(Training.training_id == training_id)
+                )
+            )
+
+    def delete_training(self, training_id: str, owner: str) -> dict:
+        training = self.request_cancel(training_id, owner)
+        with self.session(write=True) as s:
+            s.delete(s.get(Training, training_id))
+        return training
+
+
+class TrainingNotFound(JobNotFound):
+    def __init__(self) -> None:
+        super().__init__("Training not found")
+
+
+def _training_dict(row: Training) -> dict:
+    return {
+        "training_id": row.training_id,
+        "job_id": row.job_id,
+        "kind": row.kind,
+        "base_model_id": row.base_model_id,
+        "instance_prompt": row.instance_prompt,
+        "stage": row.stage,
+        "log": row.log,
+        "cancel_requested": row.cancel_requested,
+        "created_at": row.created_at,
+    }
