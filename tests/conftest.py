@@ -35,7 +35,8 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         SDSERVE_ADMIN_KEY=ADMIN_KEY,
         SDSERVE_OFFLINE="1",
         HF_HUB_OFFLINE="1",
-        SDSERVE_SYNC_WAIT_SECONDS="20",
+        # long enough that a slow CI machine still answers `success` synchronously
+        SDSERVE_SYNC_WAIT_SECONDS="120",
         TOKENIZERS_PARALLELISM="false",
     )
     env.update(overrides)
@@ -93,7 +94,7 @@ class ServerProcess:
                 self.proc.wait()
 
     def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=60, **kwargs)
+        return httpx.post(self.url + path, json=body, timeout=180, **kwargs)
 
 
 def run_cli(*args: str, data_dir: Path) -> str:

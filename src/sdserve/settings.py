@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     max_video_size: int = 1024
     video_decode_chunk: int = 8  # frames per VAE decode call: bounds memory on long clips
 
+    # Training
+    default_train_model: str = "tiny-sd"  # base of lora_fine_tune with base_model_type normal
+    default_train_model_xl: str = "tiny-sdxl"  # ... with base_model_type sdxl
+    min_train_images: int = 3
+    max_train_images: int = 50
+    max_train_steps: int = 2000
+    train_checkpoint_every: int = 50  # steps between resumable checkpoints
+    train_class_images: int = 4  # prior-preservation images generated with the base model
+    train_lora_rank: int = 8
+    train_mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on GPU
+
     # Request limits (clamped, never a crash)
     max_width: int = 1024
     max_height: int = 1024

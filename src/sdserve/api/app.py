@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve import __version__
-from sdserve.api import fetch, images, system, video
+from sdserve.api import fetch, images, system, training, video
 from sdserve.api.envelope import error_response
 from sdserve.api.state import ServerState
 from sdserve.engine.registry import ModelRegistry
@@ -114,6 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(images.router)
     app.include_router(video.router)
+    app.include_router(training.router)
     app.include_router(fetch.router)
     app.include_router(system.router)
     return app

@@ -89,18 +89,34 @@ def _text_config(vocab_size: int, hidden_size: int = 32, **extra) -> CLIPTextCon
     )
 
 
+def _calibrate(vae):
+    """Set scaling_factor so image latents have unit variance, as SD's 0.18215 was chosen.
+
+    With random weights the raw latents are ~25x smaller than SD's; unscaled, denoised latents
+    would land far outside what the decoder ever sees and every output would look alike.
+    """
+    generator = torch.Generator().manual_seed(_SEED)
+    images = torch.rand(8, 3, 64, 64, generator=generator) * 2 - 1
+    with torch.no_grad():
+        std = vae.encode(images).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1 / std, 5))
+    return vae
+
+
 def _vae() -> AutoencoderKL:
     # Four blocks, like SD's VAE, so latents are 1/8 of the image size as in real models.
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
+    return _calibrate(
+        AutoencoderKL(
+            block_out_channels=(8, 8, 16, 16),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+        )
     )
 
 
@@ -221,13 +237,15 @@ def _build_tiny_svd(_tmp: Path) -> StableVideoDiffusionPipeline:
         projection_class_embeddings_input_dim=3 * 8,
         addition_time_embed_dim=8,
     )
-    vae = AutoencoderKLTemporalDecoder(
-        block_out_channels=(32, 32, 32, 32),  # its norm layers have 32 groups
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
+    vae = _calibrate(
+        AutoencoderKLTemporalDecoder(
+            block_out_channels=(32, 32, 32, 32),  # its norm layers have 32 groups
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+        )
     )
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(

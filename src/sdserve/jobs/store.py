@@ -516,15 +516,17 @@ class JobStore:
             job = s.get(Job, row.job_id)
             if job.status == "queued":
                 self._finish(job, "failed", None, "Training cancelled", time.time())
+                webhook = (job.params or {}).get("webhook")
+                self._stage(s, row, "training_cancelled", "cancelled before it started", webhook)
         return training
 
     def training_cancelled(self, training_id: str) -> bool:
+        """True once cancel (or delete, which removes the row) was asked for."""
         with self.session() as s:
-            return bool(
-                s.scalar(
-                    select(Training.cancel_requested).where(Training.training_id == training_id)
-                )
+            flag = s.scalar(
+                select(Training.cancel_requested).where(Training.training_id == training_id)
             )
+            return flag is None or flag
 
     def delete_training(self, training_id: str, owner: str) -> dict:
         training = self.request_cancel(training_id, owner)

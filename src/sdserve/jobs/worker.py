@@ -14,13 +14,15 @@ import uuid
 from PIL import Image
 
 from sdserve.engine.images import ImageEngine
+from sdserve.engine.training import Trainer, TrainingCancelled, TrainingHooks
 from sdserve.engine.video import VideoEngine
-from sdserve.errors import SdserveError
+from sdserve.errors import EngineError, SdserveError
 from sdserve.jobs.notify import CompletionBus
 from sdserve.jobs.store import JobStore, JobView
 from sdserve.media.images import encode_png
 from sdserve.media.video import decode_video, encode_video
 from sdserve.schemas.images import GenerationParams
+from sdserve.schemas.training import TrainingParams
 from sdserve.schemas.video import VideoParams
 from sdserve.settings import Settings
 from sdserve.storage.local import LocalStorage
@@ -29,6 +31,16 @@ log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
 _MAINTENANCE_INTERVAL = 30.0
 VIDEO_KINDS = ("animatediff", "t2v", "svd")
+TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
+_SANDBOX_STAGES = (
+    ("training_started", "sandbox: no GPU is used, stages are simulated"),
+    ("training_success", "sandbox: simulated training done"),
+    ("trained_model_compressing", "sandbox"),
+    ("trained_model_uploading", "sandbox"),
+    ("trained_model_uploaded", "sandbox"),
+    ("deploying_model", "sandbox"),
+    ("model_ready", "sandbox: no model was made"),
+)
 
 
 class Worker:
@@ -44,6 +56,7 @@ class Worker:
         self.store = store
         self.engine = engine
         self.video = VideoEngine(engine)
+        self.trainer = Trainer(settings, engine.registry, engine.device)
         self.storage = storage
         self.bus = bus
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -117,6 +130,8 @@ class Worker:
                 result = {"output_keys": [], "meta": {"model_id": job.model_id}}
             elif job.kind in VIDEO_KINDS:
                 result = self._run_video_job(job)
+            elif job.kind in TRAINING_KINDS:
+                result = self._run_training_job(job)
             else:
                 result = self._run_image_job(job)
         except SdserveError as exc:
@@ -181,6 +196,39 @@ class Worker:
             "meta": dict(job.params.get("meta", {})),
             "timings": _timings(job, outcome.pipeline_seconds, started),
         }
+
+    def _run_training_job(self, job: JobView) -> dict:
+        params = TrainingParams.model_validate(job.params)
+        training_id = params.training_id
+
+        def stage(name: str, line: str) -> None:
+            self.store.set_training_stage(training_id, name, line, params.webhook)
+
+        def cancelled() -> bool:
+            return self.store.training_cancelled(training_id)
+
+        try:
+            if job.kind == "train_sandbox":
+                for name, line in _SANDBOX_STAGES:
+                    if cancelled():
+                        raise TrainingCancelled()
+                    stage(name, line)
+                    time.sleep(0.05)
+            else:
+                images = [self._input_image(key) for key in params.image_keys]
+                hooks = TrainingHooks(stage=stage, step=self._progress(job), cancelled=cancelled)
+                workdir = self.settings.data_dir / "training" / training_id
+                self.trainer.train(params, images, workdir, hooks)
+        except TrainingCancelled:
+            stage("training_cancelled", "stopped on request")
+            raise EngineError("Training cancelled") from None
+        except Exception as exc:
+            message = (
+                exc.message if isinstance(exc, SdserveError) else f"{type(exc).__name__}: {exc}"
+            )
+            stage("training_failed", message)
+            raise
+        return {"output_keys": [], "meta": {"training_id": training_id, "model_id": training_id}}
 
     def _progress(self, job: JobView):
         """A step callback that writes progress (and renews the lease) at most every 0.2 s."""

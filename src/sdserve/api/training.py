@@ -1,0 +1,183 @@
+"""Training routes (§4, §10): LoRA and Dreambooth fine-tunes, status, list, cancel, delete, sandbox."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.state import ServerState, get_state
+from sdserve.errors import BadImage, ValidationFailed
+from sdserve.jobs.keys import Principal
+from sdserve.media.images import encode_png, load_image_input
+from sdserve.schemas.training import (
+    TrainingKind,
+    TrainingRequest,
+    normalize_training_request,
+    parse_training_request,
+)
+
+router = APIRouter(tags=["training"])
+
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": TrainingRequest.model_json_schema()}},
+    }
+}
+_WAIT_TEXT = {
+    "lora": "it will take upto 30 minutes.",
+    "dreambooth": "it will take upto 25 minutes.",
+}
+
+
+def _ok(message: str, **extra: Any) -> dict[str, Any]:
+    return {"status": "success", "messege": message, "message": message, **extra}
+
+
+async def submit_training(
+    state: ServerState, principal: Principal, body: dict[str, Any], kind: TrainingKind
+) -> dict[str, Any]:
+    settings = state.settings
+    req = parse_training_request(body)
+    if kind == "dreambooth":
+        if not req.base_model_id:
+            raise ValidationFailed({"base_model_id": ["The base model id field is required."]})
+        base_model_id = req.base_model_id
+    elif req.base_model_id:
+        base_model_id = req.base_model_id
+    else:
+        sdxl = (req.base_model_type or "normal").strip().lower() == "sdxl"
+        base_model_id = settings.default_train_model_xl if sdxl else settings.default_train_model
+    if kind != "sandbox":
+        source = state.registry.resolve(base_model_id)  # unknown base model: "Model not found"
+        state.registry.check_available(source)
+        if state.registry.family(source) in ("t2v", "svd"):
+            raise ValidationFailed(
+                {"base_model_id": [f"Model {base_model_id} cannot be fine-tuned here."]}
+            )
+    params = normalize_training_request(req, kind, settings, base_model_id=base_model_id)
+
+    # Every image is decoded before anything is stored, so a bad one leaves nothing behind.
+    images = []
+    for index, value in enumerate(req.images or []):
+        if not isinstance(value, str) or not value.strip():
+            raise BadImage(f"images[{index}]", f"images[{index}] is empty")
+        images.append(await load_image_input(value, f"images[{index}]", settings))
+    for index, image in enumerate(images):
+        key = f"inputs/train/{params.training_id}/{index:03d}.png"
+        await run_in_threadpool(state.storage.put, key, encode_png(image))
+        params.image_keys.append(key)
+
+    await run_in_threadpool(
+        state.store.submit_training,
+        training_id=params.training_id,
+        kind=kind,
+        job_kind=f"train_{kind}",
+        base_model_id=base_model_id,
+        instance_prompt=params.instance_prompt,
+        owner=principal.owner,
+        params=params.model_dump(mode="json"),
+        total_steps=params.max_train_steps,
+        webhook=params.webhook,
+        queue_limit=principal.queue_limit,
+    )
+    state.bus.work_available.set()
+    return _ok(
+        "deploying_gpu",
+        data=_WAIT_TEXT.get(kind, "sandbox: stages are simulated, no GPU is used."),
+        training_id=params.training_id,
+        model_id=params.training_id,
+    )
+
+
+def _make_create(kind: TrainingKind):
+    async def create(request: Request):
+        state = get_state(request)
+        body = await read_json_body(request, state.settings)
+        principal = authenticate(request, body, state.keys)
+        return await submit_training(state, principal, body, kind)
+
+    return create
+
+
+async def _caller(request: Request) -> tuple[ServerState, Principal]:
+    state = get_state(request)
+    body = await read_json_body(request, state.settings)
+    return state, authenticate(request, body, state.keys)
+
+
+async def training_status(request: Request, training_id: str):
+    state, principal = await _caller(request)
+    training = await run_in_threadpool(state.store.get_training, training_id, principal.owner)
+    stage = training["stage"]
+    status = "failed" if stage in ("training_failed", "training_cancelled") else "success"
+    return {
+        "status": status,
+        "messege": stage,
+        "message": stage,
+        "data": training["log"],
+        "training_id": training_id,
+        "model_id": training_id,
+    }
+
+
+async def cancel_training(request: Request, training_id: str):
+    state, principal = await _caller(request)
+    await run_in_threadpool(state.store.request_cancel, training_id, principal.owner)
+    return _ok("Training cancelled", training_id=training_id)
+
+
+async def delete_training(request: Request, training_id: str):
+    """Stop it if running, then remove the model id and every file the training made."""
+    state, principal = await _caller(request)
+    await run_in_threadpool(state.store.delete_training, training_id, principal.owner)
+    data_dir = state.settings.data_dir
+    (data_dir / "loras" / f"{training_id}.safetensors").unlink(missing_ok=True)
+    for folder in (
+        state.settings.models_dir / training_id,
+        data_dir / "training" / training_id,
+        state.storage.path(f"inputs/train/{training_id}"),
+    ):
+        shutil.rmtree(folder, ignore_errors=True)
+    return _ok("Training deleted", training_id=training_id)
+
+
+@router.post("/api/v3/finetune_list")
+async def finetune_list(request: Request):
+    state, principal = await _caller(request)
+    trainings = await run_in_threadpool(state.store.list_trainings, principal.owner)
+    data = [
+        {
+            "training_id": t["training_id"],
+            "model_id": t["training_id"],
+            "status": t["stage"],
+            "training_type": t["kind"],
+            "base_model_id": t["base_model_id"],
+            "instance_prompt": t["instance_prompt"],
+            "created_at": t["created_at"],
+        }
+        for t in trainings
+    ]
+    return _ok("model list", data=data)
+
+
+for _path, _kind in (
+    ("/api/v3/lora_fine_tune", "lora"),
+    ("/api/v3/fine_tune", "dreambooth"),
+    ("/api/v3/fine_tune_v2", "dreambooth"),
+    ("/api/sandbox/v3/fine_tune", "sandbox"),
+):
+    router.add_api_route(_path, _make_create(_kind), methods=["POST"], openapi_extra=_BODY_SCHEMA)
+for _path in (
+    "/api/v3/fine_tune_status/{training_id}",
+    "/api/sandbox/v3/fine_tune_status/{training_id}",
+):
+    router.add_api_route(_path, training_status, methods=["POST", "GET"])
+for _path in ("/api/v3/cancle_training/{training_id}", "/api/v3/cancel_training/{training_id}"):
+    router.add_api_route(_path, cancel_training, methods=["POST"])
+for _path in ("/api/v3/finetune/delete/{training_id}", "/api/v3/delete/{training_id}"):
+    router.add_api_route(_path, delete_training, methods=["POST"])
