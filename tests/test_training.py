@@ -311,3 +311,37 @@ def test_resume_after_worker_sigkill(tmp_path):
                 proc.terminate()
                 proc.wait(timeout=60)
         api.stop()
+
+
+def test_lycoris_adapter_trains_and_generates(server, user_key, trained):
+    started = server.post(
+        "/api/v3/lora_fine_tune",
+        {
+            "key": user_key,
+            **train_body(lora_type="lycoris", max_train_steps=20, learning_rate_unet="5e-3"),
+        },
+    ).json()
+    status = wait_stage(server, user_key, started["training_id"])
+    assert status["messege"] == "model_ready" and "loha adapter" in status["data"]
+    body = {
+        "key": user_key,
+        "model_id": "tiny-sd",
+        "prompt": PROMPT,
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 3,
+        "seed": 9,
+        "enhance_prompt": "no",
+        "safety_checker": "no",
+    }
+
+    def pixels(**change):
+        data = server.post("/api/v4/dreambooth", {**body, **change}).json()
+        assert data["status"] == "success", data
+        return np.asarray(decode_png(data["output"][0]), dtype=int)
+
+    plain = pixels()
+    loha = pixels(lora_model=started["training_id"])
+    lora = pixels(lora_model=trained["lora"])  # a plain LoRA after a LoHa: the UNet is reset
+    assert np.abs(plain - loha).max() > 2 and np.abs(plain - lora).max() > 2
+    assert np.abs(loha - pixels(lora_model=started["training_id"])).max() <= 1

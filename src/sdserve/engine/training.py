@@ -193,9 +193,10 @@ class Trainer:
         if p.kind == "lora":
             state = _lora_state(unet, text_encoder if text_params else None)
             hooks.stage(
-                "trained_model_uploading", "writing the LoRA as .safetensors (kohya format)"
+                "trained_model_uploading", f"writing the {p.lora_type} adapter as .safetensors"
             )
-            target = self._publish_lora(p.training_id, state)
+            metadata = {"sdserve_adapter": p.lora_type, "rank": str(self.settings.train_lora_rank)}
+            target = self._publish_lora(p.training_id, state, metadata)
         else:
             hooks.stage("trained_model_uploading", "writing the model as a diffusers folder")
             target = self._publish_model(p.training_id, pipe, unet, text_encoder)
@@ -282,12 +283,16 @@ class Trainer:
             target = noise
         return F.mse_loss(prediction.float(), target.float())
 
-    def _publish_lora(self, training_id: str, state: dict[str, torch.Tensor]) -> Path:
+    def _publish_lora(
+        self, training_id: str, state: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> Path:
         folder = self.settings.data_dir / "loras"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{training_id}.safetensors"
         partial = folder / f".{training_id}.partial"
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, partial)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()}, partial, metadata=metadata
+        )
         os.replace(partial, target)  # the id exists only once the file is whole
         return target
 
@@ -366,4 +371,4 @@ def _lora_state(unet, text_encoder) -> dict[str, torch.Tensor]:
         )
     if any(".lora_A." in k or k.endswith(".lora_A.weight") for k in state):
         return convert_state_dict_to_kohya(state)
-    return state  # LoHa / LoKr: PEFT names (kohya's LyCORIS names need no conversion table)
+    return state  # LoHa / LoKr: PEFT names; engine.images loads them through PEFT
