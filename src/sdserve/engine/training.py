@@ -9,6 +9,7 @@ switched on only where a GPU makes them useful.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -370,5 +371,10 @@ def _lora_state(unet, text_encoder) -> dict[str, torch.Tensor]:
             {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()}
         )
     if any(".lora_A." in k or k.endswith(".lora_A.weight") for k in state):
-        return convert_state_dict_to_kohya(state)
+        kohya = convert_state_dict_to_kohya(state)
+        # transformers 5 dropped CLIP's `text_model.` level; kohya and A1111 keep it in the names.
+        return {
+            re.sub(r"^(lora_te[12]?_)(?!text_model_)", r"\1text_model_", key): value
+            for key, value in kohya.items()
+        }
     return state  # LoHa / LoKr: PEFT names; engine.images loads them through PEFT
