@@ -151,19 +151,8 @@ class Worker:
         inputs = job.params.get("input_keys", {})
         init = self._input_image(inputs.get("init_image"))
         mask = self._input_image(inputs.get("mask_image"))
-        last_write = [0.0]
-
-        def on_step(done: int, total: int) -> None:
-            now = time.monotonic()
-            if done == total or now - last_write[0] >= _PROGRESS_INTERVAL:
-                last_write[0] = now
-                step = round(done * job.total_steps / max(total, 1))
-                self.store.report_progress(
-                    self.worker_id, job.id, step, self.settings.lease_seconds
-                )
-
         started = time.perf_counter()
-        outcome = self.engine.generate(params, init, mask, on_step)
+        outcome = self.engine.generate(params, init, mask, self._progress(job))
         keys = job.params["output_keys"][: len(outcome.images)]
         for key, image in zip(keys, outcome.images, strict=True):
             png = encode_png(image)
