@@ -61,7 +61,6 @@ class Settings(BaseSettings):
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     image_fetch_timeout: float = 15.0
-    allow_private_urls: bool = True  # issue 5 adds the private-address guard
 
     # Response timing
     sync_wait_seconds: float = (

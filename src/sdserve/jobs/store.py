@@ -410,18 +410,6 @@ class JobStore:
             else:
                 row.next_at = now + backoff_seconds * 2 ** (row.attempts - 1)
 
-    def webhook_deliveries(self, job_id: int) -> list[dict]:
-        with self.session() as s:
-            rows = s.scalars(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.job_id == job_id)
-                .order_by(WebhookDelivery.id)
-            ).all()
-            return [
-                {"attempt": r.attempt, "status_code": r.status_code, "error": r.error, "ok": r.ok}
-                for r in rows
-            ]
-
     # ---- trainings ---------------------------------------------------------------------------
 
     def submit_training(
