@@ -109,6 +109,16 @@ def run_cli(*args: str, data_dir: Path) -> str:
     return out.stdout
 
 
+def start_worker(data_dir: Path, **env: str) -> subprocess.Popen:
+    """`sdserve worker` in a subprocess, on the same data dir as a server."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdserve.cli", "worker", "--data-dir", str(data_dir)],
+        env=base_env(data_dir, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def create_key(data_dir: Path, *extra: str) -> str:
     return run_cli("keys", "create", *extra, data_dir=data_dir).strip().splitlines()[-1]
 

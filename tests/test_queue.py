@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import httpx
-from conftest import ADMIN_KEY, ServerProcess, base_env, create_key, decode_png, run_cli
+from conftest import ADMIN_KEY, ServerProcess, create_key, decode_png, run_cli, start_worker
 
 BODY = {
     "model_id": "tiny-sd",
@@ -54,15 +52,6 @@ def test_queued_jobs_survive_restart(tmp_path):
         restarted.stop()
 
 
-def _start_worker(data_dir, **env):
-    return subprocess.Popen(
-        [sys.executable, "-m", "sdserve.cli", "worker", "--data-dir", str(data_dir)],
-        env=base_env(data_dir, **env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def test_killed_worker_job_is_finished_by_another(tmp_path):
     lease = {"SDSERVE_LEASE_SECONDS": "2"}
     api = ServerProcess(tmp_path, SDSERVE_IN_PROCESS_WORKER="0", **lease).start()
@@ -70,7 +59,7 @@ def test_killed_worker_job_is_finished_by_another(tmp_path):
     slow = {**BODY, "width": 512, "height": 512, "num_inference_steps": 40}
     job_id = api.post("/api/v4/dreambooth", {"key": key, **slow}).json()["id"]
 
-    doomed = _start_worker(tmp_path, **lease)
+    doomed = start_worker(tmp_path, **lease)
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -82,7 +71,7 @@ def test_killed_worker_job_is_finished_by_another(tmp_path):
         doomed.send_signal(signal.SIGKILL)
         doomed.wait()
 
-        rescuer = _start_worker(tmp_path, **lease)
+        rescuer = start_worker(tmp_path, **lease)
         try:
             data = _wait_success(api, key, job_id, timeout=180)
             assert data["status"] == "success", data

@@ -6,15 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ServerProcess, WebhookReceiver, base_env, create_key, decode_png
+from conftest import ServerProcess, WebhookReceiver, create_key, decode_png, start_worker
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -284,12 +282,7 @@ def test_resume_after_worker_sigkill(tmp_path):
     ).json()["training_id"]
 
     def worker():
-        return subprocess.Popen(
-            [sys.executable, "-m", "sdserve.cli", "worker", "--data-dir", str(tmp_path)],
-            env=base_env(tmp_path, **env),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        return start_worker(tmp_path, **env)
 
     doomed, rescuer = worker(), None
     try:

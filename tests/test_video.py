@@ -11,7 +11,7 @@ import av
 import httpx
 import numpy as np
 import pytest
-from conftest import ADMIN_KEY, ServerProcess, create_key, png_bytes
+from conftest import ADMIN_KEY, ServerProcess, create_key, png_bytes, start_worker
 from PIL import Image
 
 from sdserve.media.video import encode_video
@@ -278,11 +278,6 @@ def test_enterprise_video_needs_the_enterprise_key(server, user_key):
 
 
 def test_killed_worker_mid_video_is_finished_by_another(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import base_env
-
     lease = {"SDSERVE_LEASE_SECONDS": "2"}
     api = ServerProcess(tmp_path, SDSERVE_IN_PROCESS_WORKER="0", **lease).start()
     key = create_key(tmp_path)
@@ -299,12 +294,7 @@ def test_killed_worker_mid_video_is_finished_by_another(tmp_path):
     job_id = api.post("/api/v4/dreambooth/text2video", body).json()["id"]
 
     def worker():
-        return subprocess.Popen(
-            [sys.executable, "-m", "sdserve.cli", "worker", "--data-dir", str(tmp_path)],
-            env=base_env(tmp_path, **lease),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        return start_worker(tmp_path, **lease)
 
     doomed = worker()
     rescuer = None

@@ -33,10 +33,6 @@ _TASK_PIPELINES = {
 StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
 
 
-class JobCancelled(Exception):
-    pass
-
-
 @dataclass
 class ImageResult:
     images: list[Image.Image]
@@ -84,9 +80,12 @@ class ImageEngine:
             choice = resolve_scheduler_name(p.scheduler, p.use_karras_sigmas, p.algorithm_type)
             overrides = {"scheduler": make_scheduler(base.scheduler.config, choice)}
             if p.vae:
-                overrides["vae"] = self.registry.load_vae(
-                    self.registry.resolve_vae(p.vae), base.vae, self.dtype
-                ).to(self.device)
+                path = self.registry.resolve_vae(p.vae)
+                # kept resident like a model, not reloaded for every job that names it
+                overrides["vae"] = self.cache.get(
+                    f"vae:{p.vae}:{p.model_id}",
+                    lambda: self.registry.load_vae(path, base.vae, self.dtype).to(self.device),
+                )
             pipe = _TASK_PIPELINES[p.kind].from_pipe(base, **overrides)
             pipe.set_progress_bar_config(disable=True)
 
@@ -116,12 +115,10 @@ class ImageEngine:
 
             # 4. denoise, reporting each step
             if on_step is not None:
-                kwargs["callback_on_step_end"] = _step_reporter(on_step)
+                kwargs["callback_on_step_end"] = step_reporter(on_step)
             started = time.perf_counter()
             try:
                 images = pipe(**kwargs).images
-            except JobCancelled:
-                raise
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:
@@ -223,9 +220,13 @@ def _fit(image: Image.Image, p: GenerationParams) -> Image.Image:
     return image.convert("RGB").resize((p.width, p.height), Image.LANCZOS)
 
 
-def _step_reporter(on_step: StepCallback):
+def step_reporter(on_step: StepCallback | None):
+    """A diffusers `callback_on_step_end` that reports (steps done, steps in this run)."""
+
     def callback(pipe, step_index, _timestep, callback_kwargs):
-        on_step(step_index + 1, pipe.num_timesteps)
+        if on_step is not None:
+            total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
+            on_step(step_index + 1, total)
         return callback_kwargs
 
     return callback

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -269,18 +270,12 @@ class ModelRegistry:
         try:
             if path.is_dir():
                 return AutoencoderKL.from_pretrained(path, dtype=dtype)
-            return AutoencoderKL.from_single_file(path, config=_config_folder(like), dtype=dtype)
+            # diffusers wants the config as a folder: the base model's own VAE config
+            with tempfile.TemporaryDirectory(prefix="sdserve-vae-config-") as config:
+                like.save_config(config)
+                return AutoencoderKL.from_single_file(path, config=config, dtype=dtype)
         except Exception as exc:
             raise ModelUnavailable(f"VAE {path.stem} could not be loaded: {exc}") from exc
-
-
-def _config_folder(model) -> str:
-    """A temporary folder holding `model`'s config, for diffusers loaders that want a path."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="sdserve-config-"))
-    model.save_config(folder)
-    return str(folder)
 
 
 class ResidencyCache:
@@ -320,9 +315,10 @@ class ResidencyCache:
         _free_device_memory()
 
 
-def _pipeline_bytes(pipe: DiffusionPipeline) -> int:
+def _pipeline_bytes(pipe: DiffusionPipeline | torch.nn.Module) -> int:
     total = 0
-    for component in pipe.components.values():
+    components = [pipe] if isinstance(pipe, torch.nn.Module) else pipe.components.values()
+    for component in components:
         if isinstance(component, torch.nn.Module):
             total += sum(p.numel() * p.element_size() for p in component.parameters())
     return total

@@ -19,7 +19,7 @@ from diffusers import (
 from PIL import Image
 
 from sdserve.engine import tiny
-from sdserve.engine.images import ImageEngine, StepCallback, apply_loras
+from sdserve.engine.images import ImageEngine, StepCallback, apply_loras, step_reporter
 from sdserve.engine.prompts import encode_prompts
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
 from sdserve.errors import EngineError, ValidationFailed
@@ -53,7 +53,7 @@ class VideoEngine:
                 run = self._svd
             started = time.perf_counter()
             try:
-                frames = run(p, init_frames, _step_callback(on_step))
+                frames = run(p, init_frames, step_reporter(on_step))
             except (EngineError, ValidationFailed, torch.cuda.OutOfMemoryError):
                 raise
             except Exception as exc:
@@ -252,13 +252,3 @@ def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
         ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     )
     return [Image.fromarray(frame) for frame in array]
-
-
-def _step_callback(on_step: StepCallback | None):
-    def callback(pipe, step_index, _timestep, callback_kwargs):
-        if on_step is not None:
-            total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
-            on_step(step_index + 1, total)
-        return callback_kwargs
-
-    return callback
