@@ -37,6 +37,8 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         # long enough that a slow CI machine still answers `success` synchronously
         SDSERVE_SYNC_WAIT_SECONDS="120",
+        # tests serve inputs and models from loopback; the guard is tested with it off
+        SDSERVE_ALLOW_PRIVATE_URLS="1",
         TOKENIZERS_PARALLELISM="false",
     )
     env.update(overrides)
@@ -212,3 +214,141 @@ def copy_tiny(tiny_models_dir: Path, model_id: str, dest: Path) -> Path:
     if not target.exists():
         shutil.copytree(tiny_models_dir / model_id, target)
     return target
+
+
+def write_lora(pipe, path: Path, seed: int) -> None:
+    """A random-weight LoRA for a tiny pipeline, in diffusers' .safetensors layout."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        adapter_name=f"make{seed}",
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if f"make{seed}" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    state = get_peft_model_state_dict(unet, adapter_name=f"make{seed}")
+    unet.delete_adapters(f"make{seed}")
+    folder = path.parent / f".{path.stem}"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state)
+    shutil.move(folder / "pytorch_lora_weights.safetensors", path)
+
+
+class FileServer:
+    """A real HTTP server on loopback serving bytes by name, with HTTP Range, like a model host.
+
+    `/files/<name>` serves the file; `/flaky/<name>` cuts the first full download off halfway
+    (resumes work); `/truncated/<name>` always stops halfway; `/page` is an HTML page.
+    """
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self._cut: set[str] = set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                path, range_header = self.path, self.headers.get("range")
+                server.requests.append((path, range_header))
+                mode, _, name = path.lstrip("/").partition("/")
+                if mode == "page":
+                    return self._send(200, b"<html>log in first</html>", "text/html")
+                data = server.files.get(name)
+                if data is None or mode not in ("files", "flaky", "truncated"):
+                    return self._send(404, b"not found", "text/plain")
+                start = 0
+                if range_header and range_header.startswith("bytes="):
+                    start = int(range_header[6:].split("-")[0])
+                cut = mode == "truncated" or (mode == "flaky" and name not in server._cut)
+                if mode == "flaky":
+                    server._cut.add(name)
+                self.send_response(206 if start else 200)
+                self.send_header("content-type", "application/octet-stream")
+                self.send_header("content-length", str(len(data) - start))
+                if start:
+                    self.send_header("content-range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                body = data[start:]
+                if cut:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def _send(self, status, body, kind):
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def wait_for_job(server, key: str, job_id: int, timeout: float = 120) -> dict:
+    """Fetch until the job is finished; return the last answer."""
+    deadline = time.time() + timeout
+    while True:
+        data = server.post(f"/api/v3/fetch/{job_id}", {"key": key}).json()
+        if data["status"] in ("success", "failed", "error") or time.time() > deadline:
+            return data
+        time.sleep(0.2)
+
+
+class MotoServer:
+    """moto's standalone S3 server on loopback: a real HTTP S3 endpoint, no mocks in-process."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        binary = Path(sys.executable).parent / "moto_server"
+        self.proc = subprocess.Popen(
+            [str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                httpx.get(self.url, timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import decode_png
+from conftest import decode_png, write_lora
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import save_file
 
@@ -44,32 +44,11 @@ def tiny_pipe(tiny_models_dir):
     return StableDiffusionPipeline.from_pretrained(tiny_models_dir / "tiny-sd")
 
 
-def _write_lora(pipe, path, seed):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = pipe.unet
-    unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-        adapter_name=f"make{seed}",
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if f"make{seed}" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    state = get_peft_model_state_dict(unet, adapter_name=f"make{seed}")
-    unet.delete_adapters(f"make{seed}")
-    folder = path.parent / f".{path.stem}"
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state)
-    shutil.move(folder / "pytorch_lora_weights.safetensors", path)
-
-
 def test_lora_and_multi_lora(server, user_key, tiny_pipe):
     loras = server.data_dir / "loras"
     loras.mkdir(exist_ok=True)
-    _write_lora(tiny_pipe, loras / "style-a.safetensors", 1)
-    _write_lora(tiny_pipe, loras / "style-b.safetensors", 2)
+    write_lora(tiny_pipe, loras / "style-a.safetensors", 1)
+    write_lora(tiny_pipe, loras / "style-b.safetensors", 2)
     base = pixels(server, user_key)
     a = pixels(server, user_key, lora_model="style-a")
     a_weak = pixels(server, user_key, lora_model="style-a", lora_strength="0.3")

@@ -25,8 +25,15 @@ from sdserve.media.images import (
 )
 from sdserve.settings import Settings
 
-SETTINGS = Settings(max_image_bytes=100_000, max_image_pixels=1_000_000, image_fetch_timeout=0.5)
-DEFAULTS = Settings()  # 15 MB, 4096x4096, 15 s
+# The test servers are on loopback, which the private-address guard refuses by default.
+SETTINGS = Settings(
+    max_image_bytes=100_000,
+    max_image_pixels=1_000_000,
+    image_fetch_timeout=0.5,
+    allow_private_urls=True,
+)
+DEFAULTS = Settings(allow_private_urls=True)  # 15 MB, 4096x4096, 15 s
+GUARDED = Settings()
 
 
 def image_bytes(fmt="PNG", size=(64, 48), mode="RGB", color=(200, 30, 30), **save) -> bytes:
@@ -140,6 +147,22 @@ def test_url_image_is_fetched_and_decoded(files):
     assert image.mode == "RGB" and image.size == (64, 48)
     assert image.getpixel((0, 0)) == (200, 30, 30)
     assert load(f"{files}/redirect").size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x.png",
+        "http://localhost/x.png",
+        "http://10.1.2.3/x.png",
+        "http://192.168.0.1/x.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/x.png",
+        "http://0.0.0.0/x.png",
+    ],
+)
+def test_private_addresses_are_refused_by_default(url):
+    fails(url, "private or local address", settings=GUARDED)
 
 
 def test_exif_orientation_is_applied(files):

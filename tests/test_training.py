@@ -12,7 +12,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ServerProcess, WebhookReceiver, create_key, decode_png, start_worker
+from conftest import (
+    ServerProcess,
+    WebhookReceiver,
+    create_key,
+    decode_png,
+    start_worker,
+    wait_for_job,
+)
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -177,6 +184,54 @@ def test_trained_lora_in_text2img_and_dreambooth_in_text2video(server, user_key,
     assert video["status"] == "success", video
     gif = Image.open(io.BytesIO(httpx.get(video["output"][0]).content))
     assert gif.n_frames == 8 and gif.size == (64, 64)
+
+
+def test_load_model_by_trained_id(server, user_key, trained):
+    """load_model's third source: a model trained here, registered under another id."""
+    common = {
+        "key": user_key,
+        "prompt": PROMPT,
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 3,
+        "seed": 9,
+        "safety_checker": "no",
+    }
+    pixels = {}
+    for name, model_id, category in (
+        ("lora", "my-trained-lora", "lora"),
+        ("dreambooth", "my-dreambooth", "stable_diffusion"),
+    ):
+        answer = server.post(
+            "/api/v3/load_model",
+            {
+                "key": user_key,
+                "url": trained[name],
+                "model_id": model_id,
+                "model_category": category,
+            },
+        ).json()
+        assert answer["status"] == "success", answer
+        done = wait_for_job(server, user_key, answer["id"])
+        assert done["status"] == "success", done
+        if name == "lora":
+            for lora in (trained["lora"], model_id):
+                out = server.post(
+                    "/api/v4/dreambooth", {**common, "model_id": "tiny-sd", "lora_model": lora}
+                ).json()
+                pixels[lora] = np.asarray(decode_png(out["output"][0]), dtype=int)
+        else:
+            for mid in (trained["dreambooth"], model_id):
+                out = server.post("/api/v4/dreambooth", {**common, "model_id": mid}).json()
+                pixels[mid] = np.asarray(decode_png(out["output"][0]), dtype=int)
+    assert np.array_equal(pixels[trained["lora"]], pixels["my-trained-lora"])
+    assert np.array_equal(pixels[trained["dreambooth"]], pixels["my-dreambooth"])
+    other = create_key(server.data_dir)
+    refused = server.post(
+        "/api/v3/load_model",
+        {"key": other, "url": trained["lora"], "model_id": "stolen", "model_category": "lora"},
+    ).json()
+    assert refused["status"] == "error" and refused["message"] == "Training not found"
 
 
 def test_finetune_list_and_other_keys(server, user_key, trained):

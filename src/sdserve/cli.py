@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,10 +15,18 @@ from sdserve.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **extra) -> Settings:
+    """Settings from the environment, then DATA/sdserve.env (re-read on every restart)."""
     overrides = {k: v for k, v in extra.items() if v is not None}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
-    return Settings(**overrides)
+    env_file = Path(overrides.get("data_dir") or Settings().data_dir) / "sdserve.env"
+    return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)
+
+
+def _reexec() -> None:
+    """Replace this process with a fresh `sdserve` of the same arguments (same pid)."""
+    logging.getLogger(__name__).info("restarting")
+    os.execv(sys.executable, [sys.executable, "-m", "sdserve.cli", *sys.argv[1:]])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,7 +42,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key_file = settings.data_dir / "first-key.txt"
         key_file.write_text(key + "\n")
         print(f"Created a first API key (also saved in {key_file}):\n{key}", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    state = app.state.sdserve
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.shutting_down.set()  # requests waiting on a job answer `processing` now
+            super().handle_exit(sig, frame)
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    restart = threading.Event()
+
+    def request_shutdown(then_restart: bool) -> None:
+        if then_restart:
+            restart.set()
+        state.shutting_down.set()
+        server.should_exit = True
+
+    state.request_shutdown = request_shutdown
+    server.run()
+    if restart.is_set():
+        _reexec()
     return 0
 
 
@@ -46,16 +82,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     state = build_state(settings)
     stop = threading.Event()
+    restart = threading.Event()
     # SIGTERM drains: the current batch finishes, no new one is claimed.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     webhooks = threading.Thread(
-        target=WebhookDispatcher(settings, state.store).run, args=(stop,), daemon=True
+        target=WebhookDispatcher(settings, state.store, state.storage).run,
+        args=(stop,),
+        daemon=True,
     )
     webhooks.start()
-    worker = Worker(settings, state.store, ImageEngine(settings, state.registry), state.storage)
+
+    def on_restart() -> None:  # restart_server / update_server: drain, then start afresh
+        restart.set()
+        stop.set()
+
+    worker = Worker(
+        settings,
+        state.store,
+        ImageEngine(settings, state.registry),
+        state.storage,
+        on_restart=on_restart,
+    )
     worker.run(stop)
     webhooks.join(timeout=10)
+    if restart.is_set():
+        _reexec()
     return 0
 
 
@@ -64,7 +116,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     keys = build_state(_settings(args)).keys
     if args.keys_command == "create":
-        key = keys.create(label=args.label or "", queue_limit=args.queue_limit)
+        if args.plan and keys.plan(args.plan) is None:
+            print(f"No such plan: {args.plan}", file=sys.stderr)
+            return 1
+        key = keys.create(label=args.label or "", queue_limit=args.queue_limit, plan=args.plan)
         print("Created API key (shown once, store it now):")
         print(key)
     elif args.keys_command == "list":
@@ -78,10 +133,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from sdserve.engine.registry import ModelRegistry
+def cmd_plans(args: argparse.Namespace) -> int:
+    from sdserve.api.app import build_state
 
-    for model in ModelRegistry(_settings(args)).list_models():
+    keys = build_state(_settings(args)).keys
+    if args.plans_command == "set":
+        keys.set_plan(
+            args.name,
+            args.requests_per_month,
+            args.queue_limit,
+            args.included_models,
+            args.self_service,
+        )
+    for plan in keys.plans():
+        print(json.dumps(plan))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sdserve.api.app import build_state
+
+    for model in build_state(_settings(args)).registry.list_models():
         print(f"{model['model_id']}\t{model['source']}")
     return 0
 
@@ -107,12 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create")
     create.add_argument("--label")
     create.add_argument("--queue-limit", type=int)
+    create.add_argument("--plan", help="a plan made with `sdserve plans set`")
     keys_sub.add_parser("list")
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("key", help="the key, or its 8-character prefix")
     for p in (create, keys_sub.choices["list"], revoke):
         p.add_argument("--data-dir")
     keys.set_defaults(func=cmd_keys)
+
+    plans = sub.add_parser("plans", help="manage plans (monthly quota, queue limit)")
+    plans_sub = plans.add_subparsers(dest="plans_command", required=True)
+    plan_set = plans_sub.add_parser("set", help="create or change a plan")
+    plan_set.add_argument("name")
+    plan_set.add_argument("--requests-per-month", type=int)
+    plan_set.add_argument("--queue-limit", type=int)
+    plan_set.add_argument("--included-models", type=int, default=0)
+    plan_set.add_argument("--self-service", action="store_true", help="any key may buy it")
+    for p in (plan_set, plans_sub.add_parser("list")):
+        p.add_argument("--data-dir")
+    plans.set_defaults(func=cmd_plans)
 
     models = sub.add_parser("models", help="list models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -96,3 +96,22 @@ class StoreUnavailable(SdserveError):
     """The job database cannot be reached right now."""
 
     http_status = 503
+
+
+class QuotaExceeded(SdserveError):
+    """The key's plan allows no more requests this month (or no more trained models)."""
+
+    http_status = 402
+
+    def __init__(self, quota: int):
+        super().__init__(
+            "Insufficient credits. Please add more credits to continue.",
+            tip=f"Your plan allows {quota} API calls a month and they are used up; the count "
+            "starts again on the 1st (UTC), or ask the operator for a bigger plan.",
+        )
+
+
+class NotAvailable(SdserveError):
+    """Something this server knows about but cannot do in its current setup."""
+
+    http_status = 400

@@ -62,6 +62,22 @@ class Settings(BaseSettings):
     max_image_pixels: int = 4096 * 4096
     image_fetch_timeout: float = 15.0
 
+    # Outbound requests to user-given URLs (model downloads, input images): private, loopback and
+    # link-local addresses are refused unless allowed, so a request cannot reach the LAN.
+    allow_private_urls: bool = False
+    max_model_mb: int = 20_000  # size cap of one model download
+    download_timeout: float = 60.0  # seconds of network silence before a download fails
+
+    # Output storage: local files under data_dir, or an S3-compatible bucket (also set at run
+    # time by /api/v1/enterprise/update_s3, which wins over these).
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_public_url: str | None = None  # else outputs get presigned URLs
+
     # Response timing
     sync_wait_seconds: float = (
         8.0  # answer `success` if the job ends within this, else `processing`
@@ -73,6 +89,7 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     worker_poll_seconds: float = 0.5
     max_batch_size: int = 8
+    shutdown_grace_seconds: float = 60.0  # a restart waits this long for running jobs
 
     # Webhooks
     webhook_timeout: float = 30.0

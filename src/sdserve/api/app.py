@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -12,17 +13,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve import __version__
-from sdserve.api import fetch, images, system, training, video
+from sdserve.api import admin, fetch, images, plans, system, training, utilities, video
 from sdserve.api.envelope import error_response
 from sdserve.api.state import ServerState
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import InvalidRequest, SdserveError
+from sdserve.jobs.catalogue import ModelCatalogue
+from sdserve.jobs.control import ControlChannel
 from sdserve.jobs.keys import KeyRing
 from sdserve.jobs.notify import CompletionBus
 from sdserve.jobs.store import JobStore
 from sdserve.jobs.webhooks import WebhookDispatcher
+from sdserve.jobs.worker import Worker
 from sdserve.settings import Settings
-from sdserve.storage.local import LocalStorage
+from sdserve.storage.router import StorageRouter
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +35,33 @@ def build_state(settings: Settings) -> ServerState:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.resolved_database_url)
     store.create_schema()
+    catalogue = ModelCatalogue(store)
     return ServerState(
         settings=settings,
         store=store,
         keys=KeyRing(store, settings.admin_key, settings.queue_limit_per_key),
-        registry=ModelRegistry(settings),
-        storage=LocalStorage(settings.outputs_dir),
+        catalogue=catalogue,
+        control=ControlChannel(store),
+        registry=ModelRegistry(settings, catalogue),
+        storage=StorageRouter(settings, store),
         bus=CompletionBus(),
     )
 
 
-def _start_background(state: ServerState, stop: threading.Event) -> list[threading.Thread]:
+def _start_background(
+    state: ServerState, stop: threading.Event
+) -> tuple[list[threading.Thread], Worker | None]:
     threads = [
         threading.Thread(
-            target=WebhookDispatcher(state.settings, state.store).run,
+            target=WebhookDispatcher(state.settings, state.store, state.storage).run,
             args=(stop,),
             name="webhooks",
             daemon=True,
         )
     ]
+    worker = None
     if state.settings.in_process_worker:
         from sdserve.engine.images import ImageEngine
-        from sdserve.jobs.worker import Worker
 
         worker = Worker(
             state.settings,
@@ -66,7 +75,7 @@ def _start_background(state: ServerState, stop: threading.Event) -> list[threadi
         )
     for thread in threads:
         thread.start()
-    return threads
+    return threads, worker
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -75,12 +84,18 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         stop = threading.Event()
-        threads = _start_background(state, stop)
+        threads, worker = _start_background(state, stop)
         yield
+        # Shutdown or restart: the job running finishes within the grace period, or goes back
+        # to the queue; queued jobs stay queued. Nothing accepted is lost either way.
+        state.shutting_down.set()
         stop.set()
         state.bus.work_available.set()
+        deadline = time.monotonic() + state.settings.shutdown_grace_seconds
         for thread in threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if worker is not None and threads[-1].is_alive():
+            worker.give_back_current()
 
     app = FastAPI(
         title="sdserve",
@@ -117,4 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(training.router)
     app.include_router(fetch.router)
     app.include_router(system.router)
+    app.include_router(admin.router)
+    app.include_router(utilities.router)
+    app.include_router(plans.router)
     return app

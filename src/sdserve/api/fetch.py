@@ -50,7 +50,7 @@ async def _fetch(request: Request, raw_id) -> dict:
     job_id = _parse_id(raw_id)
     job = state.store.get_finished(job_id, principal.owner)
     if job is not None:  # the common case, answered from memory
-        return job_body(job, None, state.settings.base_url)
+        return job_body(job, None, state.settings.base_url, state.output_url)
     job = await run_in_threadpool(state.store.get, job_id, principal.owner)
     return await run_in_threadpool(job_response, state, job)
 

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from sdserve.api.envelope import authenticate, read_json_body
 from sdserve.api.serving import submit_image_job
 from sdserve.api.state import get_state
+from sdserve.errors import InvalidKey
 from sdserve.schemas.images import Family, ImageRequest, Kind
 
 router = APIRouter()
@@ -38,11 +39,13 @@ _BODY_SCHEMA = {
 }
 
 
-def _make_route(kind: Kind, family: Family):
+def image_route(kind: Kind, family: Family, admin_only: bool = False):
     async def generate(request: Request):
         state = get_state(request)
         body = await read_json_body(request, state.settings)
         principal = authenticate(request, body, state.keys)
+        if admin_only and not principal.is_admin:
+            raise InvalidKey()
         return await submit_image_job(state, principal, body, kind, family)
 
     return generate
@@ -51,7 +54,7 @@ def _make_route(kind: Kind, family: Family):
 for _path, (_kind, _family) in IMAGE_ROUTES.items():
     router.add_api_route(
         _path,
-        _make_route(_kind, _family),
+        image_route(_kind, _family),
         methods=["POST"],
         summary=f"{_kind} ({_family})",
         tags=[_family],

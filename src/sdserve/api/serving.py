@@ -53,7 +53,7 @@ async def submit_image_job(
 
     # Everything that can be checked before queueing is checked now, so a bad request is an
     # immediate error, never a failed job.
-    source = state.registry.resolve(params.model_id)
+    source = state.registry.resolve(params.model_id, principal.owner)
     state.registry.check_available(source)
     choice = resolve_scheduler_name(
         params.scheduler, params.use_karras_sigmas, params.algorithm_type
@@ -70,14 +70,16 @@ async def submit_image_job(
         value = getattr(req, field)
         if value and kind != "text2img" and (field == "init_image" or kind == "inpaint"):
             image = await load_image_input(value, field, settings)
-            key = f"inputs/{params.file_prefix}/{field}.png"
+            key = state.storage.new_key(f"inputs/{params.file_prefix}/{field}.png")
             await run_in_threadpool(state.storage.put, key, encode_png(image))
             input_keys[field] = key
 
     model_label = source.location if source.kind == "hub" else params.model_id
     stored = params.model_dump(mode="json")
     stored["meta"] = build_meta(params, model_label=model_label, scheduler=choice.class_name)
-    stored["output_keys"] = [f"{params.output_folder}/{name}" for name in params.output_names()]
+    stored["output_keys"] = [
+        state.storage.new_key(f"{params.output_folder}/{name}") for name in params.output_names()
+    ]
     stored["input_keys"] = input_keys
 
     return await _queue_and_wait(state, principal, kind, family, params, stored)
@@ -105,6 +107,8 @@ async def _queue_and_wait(
         track_id=None if params.track_id is None else str(params.track_id),
         webhook=params.webhook,
         queue_limit=principal.queue_limit,
+        key_id=principal.key_id,
+        monthly_quota=principal.monthly_quota,
     )
     state.bus.work_available.set()
     wait = 0.0 if params.instant_response else state.settings.sync_wait_seconds
@@ -120,7 +124,7 @@ async def respond_when_done(
     try:
         while job.status in ("queued", "processing"):
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or state.shutting_down.is_set():  # a restart answers `processing`
                 break
             try:
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, _POLL_SECONDS))
@@ -135,7 +139,7 @@ async def respond_when_done(
 
 def job_response(state: ServerState, job: JobView) -> dict[str, Any]:
     info = state.store.queue_info(job) if job.status in ("queued", "processing") else None
-    return job_body(job, info, state.settings.base_url)
+    return job_body(job, info, state.settings.base_url, state.output_url)
 
 
 async def submit_video_job(
@@ -157,7 +161,7 @@ async def submit_video_job(
     else:
         model_id = req.model_id or settings.default_t2v_model
 
-    source = state.registry.resolve(model_id)
+    source = state.registry.resolve(model_id, principal.owner)
     state.registry.check_available(source)
     model_family = state.registry.family(source)
     kind = _video_kind(model_id, model_family, image_to_video)
@@ -173,17 +177,19 @@ async def submit_video_job(
     input_keys = {}
     if kind == "svd" or (req.init_image and not req.init_video):
         image = await load_image_input(req.init_image, "init_image", settings)
-        input_keys["init_image"] = f"inputs/{params.file_prefix}/init_image.png"
+        input_keys["init_image"] = state.storage.new_key(
+            f"inputs/{params.file_prefix}/init_image.png"
+        )
         await run_in_threadpool(state.storage.put, input_keys["init_image"], encode_png(image))
     elif req.init_video:
         data = await read_input_bytes(req.init_video, "init_video", settings)
         await run_in_threadpool(decode_video, data, "init_video", settings.max_video_frames)
-        input_keys["init_video"] = f"inputs/{params.file_prefix}/init_video"
+        input_keys["init_video"] = state.storage.new_key(f"inputs/{params.file_prefix}/init_video")
         await run_in_threadpool(state.storage.put, input_keys["init_video"], data)
 
     stored = params.model_dump(mode="json")
     stored["meta"] = build_video_meta(params, scheduler=choice.class_name)
-    stored["output_keys"] = [params.output_key]
+    stored["output_keys"] = [state.storage.new_key(params.output_key)]
     stored["input_keys"] = input_keys
     return await _queue_and_wait(state, principal, kind, family, params, stored)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.envelope import authenticate, read_json_body
 from sdserve.api.state import get_state
-from sdserve.errors import JobNotFound, ValidationFailed
+from sdserve.errors import ValidationFailed
 from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
 
 router = APIRouter()
@@ -58,7 +58,7 @@ async def model_reload(request: Request):
     model_id = body.get("model_id")
     if not isinstance(model_id, str) or not model_id.strip():
         raise ValidationFailed({"model_id": ["The model id field is required."]})
-    source = state.registry.resolve(model_id.strip())
+    source = state.registry.resolve(model_id.strip(), principal.owner)
     state.registry.check_available(source)
     job = await run_in_threadpool(
         state.store.submit,
@@ -82,12 +82,14 @@ async def model_reload(request: Request):
 def _serve_file(folder: str):
     async def serve(request: Request, name: str):
         state = get_state(request)
+        # A file URL answers 404 when there is no file (whatever the API's error policy), as
+        # browsers and <img> tags expect.
         try:
             path = state.storage.path(f"{folder}/{name}")
         except InvalidStorageKey:
-            raise JobNotFound("File not found") from None
+            raise HTTPException(404) from None
         if not path.is_file():
-            raise JobNotFound("File not found")
+            raise HTTPException(404)
         media = "text/plain" if path.suffix == ".base64" else None
         return FileResponse(path, media_type=media)
 

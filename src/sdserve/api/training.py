@@ -53,7 +53,9 @@ async def submit_training(
         sdxl = (req.base_model_type or "normal").strip().lower() == "sdxl"
         base_model_id = settings.default_train_model_xl if sdxl else settings.default_train_model
     if kind != "sandbox":
-        source = state.registry.resolve(base_model_id)  # unknown base model: "Model not found"
+        source = state.registry.resolve(
+            base_model_id, principal.owner
+        )  # unknown base model: "Model not found"
         state.registry.check_available(source)
         if state.registry.family(source) in ("t2v", "svd"):
             raise ValidationFailed(
@@ -84,6 +86,9 @@ async def submit_training(
         total_steps=params.max_train_steps,
         webhook=params.webhook,
         queue_limit=principal.queue_limit,
+        key_id=principal.key_id,
+        monthly_quota=principal.monthly_quota,
+        model_allowance=None if kind == "sandbox" else principal.model_allowance,
     )
     state.bus.work_available.set()
     return _ok(

@@ -1,9 +1,10 @@
 """Which model a `model_id` names (built-in, Hugging Face repo, local folder, single file) and loading it.
 
-Resolution order for a model_id: built-in tiny models; entries of `DATA/models.json`; a diffusers
-folder `DATA/models/<id>/` or a file `DATA/models/<id>.safetensors|.ckpt`; the catalogue of public
-hub ids below. LoRAs, textual-inversion embeddings and VAEs live in `DATA/loras`,
-`DATA/embeddings` and `DATA/vae` under their id.
+Resolution order for a model_id: built-in tiny models; models imported by `load_model` (the
+`models` table); entries of `DATA/models.json`, written by hand; a diffusers folder
+`DATA/models/<id>/` or a file `DATA/models/<id>.safetensors|.ckpt`; the catalogue of public hub ids
+below. LoRAs, textual-inversion embeddings and VAEs are looked up in the `models` table, then in
+`DATA/loras`, `DATA/embeddings` and `DATA/vae` under their id.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from sdserve.engine import tiny
 from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
+from sdserve.jobs.catalogue import ModelCatalogue
 from sdserve.settings import Settings
 
 # Public ids of the hosted API's catalogue that map to well-known hub repos.
@@ -71,16 +73,20 @@ class ModelSource:
     config: str | None = None  # config folder for single files, if not the shipped one
 
 
-def _safe_id(value: str, what: str) -> str:
+_PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl")
+
+
+def safe_id(value: str, what: str) -> str:
     if not _ID_PATTERN.match(value) or ".." in value or value.startswith("/"):
         raise ValidationFailed({what: [f"The {what} is not a valid id."]})
     return value
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, catalogue: ModelCatalogue | None = None):
         self.settings = settings
         self.data_dir = settings.data_dir
+        self.catalogue = catalogue
 
     # ---- resolution (cheap, done at submit time) -------------------------------------------
 
@@ -90,10 +96,23 @@ class ModelRegistry:
             return {}
         return json.loads(path.read_text())
 
-    def resolve(self, model_id: str) -> ModelSource:
-        _safe_id(model_id, "model_id")
+    def resolve(self, model_id: str, owner: str | None = None) -> ModelSource:
+        """Where `model_id` lives; `owner` (a key's owner) hides other keys' private imports."""
+        safe_id(model_id, "model_id")
         if model_id in tiny.TINY_MODELS:
             return ModelSource(model_id, "builtin", model_id)
+        imported = self.catalogue.get(model_id) if self.catalogue else None
+        if imported is not None and imported.visible_to(owner):
+            if imported.category not in _PIPELINE_CATEGORIES:
+                label = imported.category.replace("_", " ")
+                raise ValidationFailed(
+                    {"model_id": [f"{model_id} is a {label} model, not a base model"]}
+                )
+            config = imported.config_model_id
+            return self._source_from_entry(
+                model_id,
+                {"source": imported.location, "config": config and self.config_folder(config)},
+            )
         entry = self._user_catalogue().get(model_id)
         if entry is not None:
             return self._source_from_entry(model_id, entry)
@@ -125,7 +144,7 @@ class ModelRegistry:
             raise ModelUnavailable(
                 f"Model {source.model_id} points to {source.location}, which does not exist"
             )
-        if source.kind == "hub" and self._offline():
+        if source.kind == "hub" and self.offline():
             from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(source.location, "model_index.json")
@@ -156,6 +175,17 @@ class ModelRegistry:
             return "sd2" if cross == 1024 else "sd15"
         return None
 
+    def config_folder(self, model_id: str) -> Path:
+        """The diffusers folder of a local model, whose configs a single file may load with."""
+        source = self.resolve(model_id)
+        if source.kind == "builtin":
+            return tiny.ensure_tiny_model(model_id, self.settings.models_dir)
+        if source.kind == "folder":
+            return Path(source.location)
+        raise ValidationFailed(
+            {"config_model_id": [f"{model_id} is not a built-in model or a local model folder."]}
+        )
+
     def load_motion_adapter(self, adapter: str, device: torch.device, dtype: torch.dtype):
         from diffusers import MotionAdapter
 
@@ -165,7 +195,7 @@ class ModelRegistry:
             else:
                 location = adapter
             return MotionAdapter.from_pretrained(
-                location, dtype=dtype, local_files_only=self._offline()
+                location, dtype=dtype, local_files_only=self.offline()
             ).to(device)
         except Exception as exc:
             raise ModelUnavailable(
@@ -173,13 +203,16 @@ class ModelRegistry:
                 "to a downloaded adapter folder or hub id."
             ) from exc
 
-    def _offline(self) -> bool:
+    def offline(self) -> bool:
         import os
 
         return self.settings.offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes")
 
     def list_models(self) -> list[dict]:
         ids: dict[str, str] = {mid: "builtin" for mid in tiny.TINY_MODELS}
+        for entry in self.catalogue.list() if self.catalogue else []:
+            if entry.category in _PIPELINE_CATEGORIES and entry.visibility != "private":
+                ids[entry.model_id] = "imported"
         ids.update({mid: "catalogue" for mid in self._user_catalogue()})
         models_dir = self.settings.models_dir
         if models_dir.is_dir():
@@ -195,7 +228,7 @@ class ModelRegistry:
         return [{"model_id": mid, "source": kind} for mid, kind in ids.items()]
 
     def resolve_lora(self, lora_id: str) -> Path:
-        return self._asset("loras", lora_id, "lora_model", (".safetensors",), "LoRA")
+        return self._asset("loras", lora_id, "lora_model", (".safetensors",), "LoRA", "lora")
 
     def resolve_embedding(self, embedding_id: str) -> Path:
         return self._asset(
@@ -204,10 +237,13 @@ class ModelRegistry:
             "embeddings_model",
             (".safetensors", ".pt", ".bin"),
             "Embedding",
+            "embeddings",
         )
 
     def resolve_vae(self, vae_id: str) -> Path:
-        return self._asset("vae", vae_id, "vae", (".safetensors", ".ckpt"), "VAE", folders=True)
+        return self._asset(
+            "vae", vae_id, "vae", (".safetensors", ".ckpt"), "VAE", "vae", folders=True
+        )
 
     def _asset(
         self,
@@ -216,9 +252,13 @@ class ModelRegistry:
         field: str,
         suffixes: tuple[str, ...],
         label: str,
+        category: str,
         folders: bool = False,
     ) -> Path:
-        _safe_id(asset_id, field)
+        safe_id(asset_id, field)
+        imported = self.catalogue.get(asset_id) if self.catalogue else None
+        if imported is not None and imported.category == category:
+            return Path(imported.location)
         base = self.data_dir / folder
         if folders and (base / asset_id / "config.json").exists():
             return base / asset_id
@@ -257,7 +297,7 @@ class ModelRegistry:
                     dtype=dtype,
                     safety_checker=None,
                     requires_safety_checker=False,
-                    local_files_only=self._offline(),
+                    local_files_only=self.offline(),
                 )
         except (ModelUnavailable, ModelNotFound):
             raise
@@ -312,6 +352,14 @@ class ResidencyCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+        _free_device_memory()
+
+    def evict(self, model_id: str) -> None:
+        """Drop a model and everything loaded for it (its VAEs, its video pipelines)."""
+        with self._lock:
+            for key in list(self._items):
+                if key.split("+")[0] == model_id or model_id in key.split(":"):
+                    del self._items[key]
         _free_device_memory()
 
 

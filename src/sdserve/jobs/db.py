@@ -1,4 +1,4 @@
-"""SQLAlchemy tables for jobs, webhook deliveries, API keys and step timings (SQLite or PostgreSQL)."""
+"""SQLAlchemy tables (SQLite or PostgreSQL): jobs, webhooks, keys and plans, models, workers."""
 
 from __future__ import annotations
 
@@ -90,6 +90,9 @@ class ApiKey(Base):
     queue_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    plan: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    parent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the key that bought it
+    purchased_models: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class StepTiming(Base):
@@ -117,3 +120,82 @@ class Training(Base):
     log: Mapped[str] = mapped_column(Text, default="")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelEntry(Base):
+    """A model brought in by `load_model` / `load_vae` (or synced): registered only once it loaded."""
+
+    __tablename__ = "models"
+
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # stable_diffusion | stable_diffusion_xl | controlnet | lora | embeddings | vae
+    category: Mapped[str] = mapped_column(String(32))
+    location: Mapped[str] = mapped_column(Text)  # a file or folder, or "hf:<repo>" for the hub
+    # a local model whose configs a single file loads with (None: the shipped ones)
+    config_model_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    url: Mapped[str] = mapped_column(Text, default="")  # where it came from
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    owned: Mapped[bool] = mapped_column(Boolean, default=True)  # delete_model removes the files
+    owner: Mapped[str] = mapped_column(String(64), default="admin")
+    name: Mapped[str] = mapped_column(String(200), default="")
+    visibility: Mapped[str] = mapped_column(String(16), default="public")
+    loaded_at: Mapped[float] = mapped_column(Float)
+
+
+class Broadcast(Base):
+    """An order for every worker (clear the cache, evict a model, reload storage, restart)."""
+
+    __tablename__ = "broadcasts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    command: Mapped[str] = mapped_column(String(32))
+    argument: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class WorkerRecord(Base):
+    """What a worker process advertises: its device and the models it has resident."""
+
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(200))
+    gpu_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    resident: Mapped[list] = mapped_column(JSON, default=list)
+    state: Mapped[str] = mapped_column(String(16), default="idle")  # idle|busy|draining
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+
+
+class ServerConfig(Base):
+    """Settings changed at run time through the API (the S3 storage of `update_s3`)."""
+
+    __tablename__ = "server_config"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Plan(Base):
+    """A local plan that keys are sold on: a monthly request quota and a queue limit."""
+
+    __tablename__ = "plans"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requests_per_month: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: no cap
+    queue_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    included_models: Mapped[int] = mapped_column(Integer, default=0)  # trainings allowed
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False)  # any key may buy it
+
+
+class KeyUsage(Base):
+    """Requests a key made in one calendar month (UTC), counted as jobs are accepted."""
+
+    __tablename__ = "key_usage"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    requests: Mapped[int] = mapped_column(Integer, default=0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from sdserve.jobs.db import ApiKey
+from sdserve.jobs.db import ApiKey, Plan
 from sdserve.jobs.store import ADMIN_OWNER, JobStore
 
 _CACHE_TTL_SECONDS = 2.0
@@ -24,6 +24,10 @@ class Principal:
     owner: str
     is_admin: bool
     queue_limit: int | None
+    key_id: int | None = None
+    plan: str | None = None
+    monthly_quota: int | None = None  # requests per calendar month; None: no cap
+    model_allowance: int | None = None  # trainings allowed; None: no cap
 
 
 def hash_key(key: str) -> str:
@@ -39,7 +43,13 @@ class KeyRing:
         # request; a revocation (possibly from another process) takes effect within the TTL.
         self._cache: dict[str, tuple[Principal | None, float]] = {}
 
-    def create(self, label: str = "", queue_limit: int | None = None) -> str:
+    def create(
+        self,
+        label: str = "",
+        queue_limit: int | None = None,
+        plan: str | None = None,
+        parent_id: int | None = None,
+    ) -> str:
         key = secrets.token_urlsafe(30)
         with self._store.session(write=True) as s:
             s.add(
@@ -48,10 +58,16 @@ class KeyRing:
                     prefix=key[:8],
                     label=label,
                     queue_limit=queue_limit,
+                    plan=plan,
+                    parent_id=parent_id,
                     created_at=time.time(),
                 )
             )
         return key
+
+    def forget_cached(self) -> None:
+        """Drop cached principals (after a plan or key change made in this process)."""
+        self._cache.clear()
 
     def list(self) -> list[dict]:
         with self._store.session() as s:
@@ -60,6 +76,7 @@ class KeyRing:
                     "prefix": k.prefix,
                     "label": k.label,
                     "queue_limit": k.queue_limit,
+                    "plan": k.plan,
                     "created_at": k.created_at,
                     "revoked": k.revoked_at is not None,
                 }
@@ -96,9 +113,87 @@ class KeyRing:
             )
             principal = None
             if row is not None:
-                limit = row.queue_limit if row.queue_limit is not None else self._default_limit
-                principal = Principal(f"key:{row.id}", False, limit)
+                plan = s.get(Plan, row.plan) if row.plan else None
+                limit = row.queue_limit
+                if limit is None and plan is not None:
+                    limit = plan.queue_limit
+                principal = Principal(
+                    f"key:{row.id}",
+                    False,
+                    limit if limit is not None else self._default_limit,
+                    key_id=row.id,
+                    plan=row.plan,
+                    monthly_quota=plan.requests_per_month if plan else None,
+                    model_allowance=plan.included_models + row.purchased_models if plan else None,
+                )
         if len(self._cache) > _CACHE_MAX:
             self._cache.clear()
         self._cache[digest] = (principal, time.monotonic() + _CACHE_TTL_SECONDS)
         return principal
+
+    # ---- plans -----------------------------------------------------------------------------
+
+    def set_plan(
+        self,
+        name: str,
+        requests_per_month: int | None,
+        queue_limit: int | None,
+        included_models: int = 0,
+        self_service: bool = False,
+    ) -> dict:
+        with self._store.session(write=True) as s:
+            plan = s.get(Plan, name)
+            if plan is None:
+                plan = Plan(name=name)
+                s.add(plan)
+            plan.requests_per_month = requests_per_month
+            plan.queue_limit = queue_limit
+            plan.included_models = included_models
+            plan.self_service = self_service
+            s.flush()
+            result = _plan_dict(plan)
+        self._cache.clear()
+        return result
+
+    def plans(self) -> list[dict]:
+        with self._store.session() as s:
+            return [_plan_dict(p) for p in s.scalars(select(Plan).order_by(Plan.name))]
+
+    def plan(self, name: str) -> dict | None:
+        with self._store.session() as s:
+            plan = s.get(Plan, name)
+            return None if plan is None else _plan_dict(plan)
+
+    def subscribe(self, plan: str, parent_id: int | None) -> str:
+        """A new key on `plan`, bought by the key `parent_id` (None: by the admin)."""
+        return self.create(label=f"{plan} subscription", plan=plan, parent_id=parent_id)
+
+    def cancel(self, key_to_cancel: str, caller: Principal) -> bool:
+        """Revoke a key: the admin may revoke any, a key itself and the keys it bought."""
+        with self._store.session(write=True) as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key_to_cancel)))
+            if row is None or row.revoked_at is not None:
+                return False
+            if not caller.is_admin and caller.key_id not in (row.id, row.parent_id):
+                return False
+            row.revoked_at = time.time()
+        self._cache.clear()
+        return True
+
+    def add_purchased_models(self, key_id: int, quantity: int) -> int:
+        with self._store.session(write=True) as s:
+            row = s.get(ApiKey, key_id)
+            row.purchased_models += quantity
+            total = row.purchased_models
+        self._cache.clear()
+        return total
+
+
+def _plan_dict(plan: Plan) -> dict:
+    return {
+        "name": plan.name,
+        "requests_per_month": plan.requests_per_month,
+        "queue_limit": plan.queue_limit,
+        "included_models": plan.included_models,
+        "self_service": plan.self_service,
+    }

@@ -10,12 +10,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
-from sdserve.jobs.db import Base, Job, StepTiming, Training, WebhookDelivery, WebhookOutbox
+from sdserve.errors import JobNotFound, QuotaExceeded, RateLimited, StoreUnavailable
+from sdserve.jobs.db import (
+    Job,
+    KeyUsage,
+    StepTiming,
+    Training,
+    WebhookDelivery,
+    WebhookOutbox,
+)
 
 ADMIN_OWNER = "admin"
 FINISHED = ("success", "failed")
@@ -105,7 +114,10 @@ class JobStore:
         )
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create the tables, or upgrade an older data dir's, through the migrations."""
+        from sdserve.jobs.schema import upgrade
+
+        upgrade(self.engine)
 
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
@@ -131,8 +143,12 @@ class JobStore:
         track_id: str | None,
         webhook: str | None,
         queue_limit: int | None,
+        key_id: int | None = None,
+        monthly_quota: int | None = None,
     ) -> JobView:
         with self.session(write=True) as s:
+            if key_id is not None:
+                self._count_request(s, key_id, monthly_quota)
             return JobView.of(
                 self._insert_job(
                     s,
@@ -149,6 +165,79 @@ class JobStore:
                     queue_limit=queue_limit,
                 )
             )
+
+    def _count_request(self, s: Session, key_id: int, quota: int | None) -> None:
+        """Count one accepted request against the key's month; refuse it past the quota."""
+        period = time.strftime("%Y-%m", time.gmtime())
+        insert = sqlite_insert if self.is_sqlite else pg_insert
+        s.execute(
+            insert(KeyUsage)
+            .values(key_id=key_id, period=period, requests=1)
+            .on_conflict_do_update(
+                index_elements=["key_id", "period"], set_={"requests": KeyUsage.requests + 1}
+            )
+        )
+        used = s.scalar(
+            select(KeyUsage.requests).where(KeyUsage.key_id == key_id, KeyUsage.period == period)
+        )
+        if quota is not None and used > quota:
+            raise QuotaExceeded(quota)  # the transaction rolls back, count included
+
+    def usage(self, key_id: int) -> int:
+        period = time.strftime("%Y-%m", time.gmtime())
+        with self.session() as s:
+            used = s.scalar(
+                select(KeyUsage.requests).where(
+                    KeyUsage.key_id == key_id, KeyUsage.period == period
+                )
+            )
+            return used or 0
+
+    def add_stored_file(self, owner: str, key: str, kind: str = "upload") -> JobView:
+        """A finished job for a file a client uploaded: same id space, fetch and delete_image."""
+        now = time.time()
+        with self.session(write=True) as s:
+            job = Job(
+                kind=kind,
+                family="v3",
+                status="success",
+                model_id="",
+                batch_key=kind,
+                owner=owner,
+                params={"output_keys": [key]},
+                result={"output_keys": [key], "meta": {}},
+                total_steps=0,
+                cost=0.0,
+                created_at=now,
+                started_at=now,
+                finished_at=now,
+                generation_time=0.0,
+            )
+            s.add(job)
+            s.flush()
+            return JobView.of(job)
+
+    def drop_outputs(self, job_id: int, owner: str) -> list[str]:
+        """Forget a finished job's output files (the caller deletes them); return their keys."""
+        self.get(job_id, owner)  # JobNotFound for someone else's job
+        with self.session(write=True) as s:
+            job = s.get(Job, job_id)
+            if job.status not in FINISHED:
+                raise JobNotFound("The request is still running; delete its images when done")
+            keys = list((job.result or {}).get("output_keys", []))
+            job.result = {**(job.result or {}), "output_keys": [], "deleted": True}
+        with self._finished_lock:
+            self._finished.pop(job_id, None)
+        return keys
+
+    def clear_queue(self, message: str) -> list[int]:
+        """Fail every queued job (running ones finish); return their ids."""
+        now = time.time()
+        with self.session(write=True) as s:
+            jobs = s.scalars(select(Job).where(Job.status == "queued")).all()
+            for job in jobs:
+                self._finish(job, "failed", None, message, now)
+            return [job.id for job in jobs]
 
     @staticmethod
     def _insert_job(s: Session, *, owner: str, queue_limit: int | None, **fields) -> Job:
@@ -425,9 +514,18 @@ class JobStore:
         total_steps: int,
         webhook: str | None,
         queue_limit: int | None,
+        key_id: int | None = None,
+        monthly_quota: int | None = None,
+        model_allowance: int | None = None,
     ) -> JobView:
         """The training row and its queued job in one transaction, at stage `deploying_gpu`."""
         with self.session(write=True) as s:
+            if key_id is not None:
+                self._count_request(s, key_id, monthly_quota)
+            if model_allowance is not None:
+                used = s.scalar(select(func.count()).where(Training.owner == owner))
+                if used >= model_allowance:
+                    raise ModelAllowanceUsed(model_allowance)
             job = self._insert_job(
                 s,
                 kind=job_kind,
@@ -521,6 +619,15 @@ class JobStore:
         with self.session(write=True) as s:
             s.delete(s.get(Training, training_id))
         return training
+
+
+class ModelAllowanceUsed(QuotaExceeded):
+    def __init__(self, allowance: int):
+        super().__init__(allowance)
+        self.tip = (
+            f"Your plan allows {allowance} trained models and all are used: delete one, or buy "
+            "more with /api/v3/dreambooth/buy_model"
+        )
 
 
 class TrainingNotFound(JobNotFound):

@@ -10,6 +10,7 @@ import httpx
 from sdserve.jobs.store import JobStore
 from sdserve.schemas.responses import job_body
 from sdserve.settings import Settings
+from sdserve.storage.router import StorageRouter
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +22,20 @@ class WebhookDispatcher:
     any other process running a dispatcher.
     """
 
-    def __init__(self, settings: Settings, store: JobStore):
+    def __init__(self, settings: Settings, store: JobStore, storage: StorageRouter):
         self._settings = settings
         self._store = store
+        self._storage = storage
         self._client = httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False)
+
+    def _url_of(self, key: str) -> str:
+        return self._storage.url(key, self._settings.base_url)
 
     def deliver_due(self) -> int:
         due = self._store.claim_webhooks(limit=16, hold_seconds=self._settings.webhook_timeout + 5)
         for outbox_id, url, payload, job in due:
             if payload is None:  # a job's final answer, with links under today's public URL
-                payload = job_body(job, None, self._settings.base_url)
+                payload = job_body(job, None, self._settings.base_url, self._url_of)
             status_code, error, ok = None, None, False
             try:
                 response = self._client.post(url, json=payload)

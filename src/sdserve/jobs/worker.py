@@ -10,13 +10,16 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from PIL import Image
 
 from sdserve.engine.images import ImageEngine
+from sdserve.engine.imports import ImportSpec, ModelImporter
 from sdserve.engine.training import Trainer, TrainingCancelled, TrainingHooks
 from sdserve.engine.video import VideoEngine
 from sdserve.errors import EngineError, SdserveError
+from sdserve.jobs.control import ControlChannel, WorkerInfo
 from sdserve.jobs.notify import CompletionBus
 from sdserve.jobs.store import JobStore, JobView
 from sdserve.media.images import encode_png
@@ -25,11 +28,12 @@ from sdserve.schemas.images import GenerationParams
 from sdserve.schemas.training import TrainingParams
 from sdserve.schemas.video import VideoParams
 from sdserve.settings import Settings
-from sdserve.storage.local import LocalStorage
+from sdserve.storage.router import StorageRouter
 
 log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
 _MAINTENANCE_INTERVAL = 30.0
+_ADVERTISE_INTERVAL = 5.0
 VIDEO_KINDS = ("animatediff", "t2v", "svd")
 TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
 _SANDBOX_STAGES = (
@@ -49,23 +53,36 @@ class Worker:
         settings: Settings,
         store: JobStore,
         engine: ImageEngine,
-        storage: LocalStorage,
+        storage: StorageRouter,
         bus: CompletionBus | None = None,
+        on_restart: Callable[[], None] | None = None,
     ):
         self.settings = settings
         self.store = store
         self.engine = engine
         self.video = VideoEngine(engine)
         self.trainer = Trainer(settings, engine.registry, engine.device)
+        self.importer = ModelImporter(settings, engine.registry)
         self.storage = storage
         self.bus = bus
+        self.control = ControlChannel(store)
+        # A standalone worker restarts itself on `restart_server`; the API's own worker is
+        # restarted with the API, so it passes None.
+        self.on_restart = on_restart
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._last_maintenance = 0.0
+        self._last_advertised = 0.0
+        self._seen_broadcast: int | None = None
+        self._busy = False
+        self._current: list[int] = []
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
         while not stop.is_set():
             try:
+                self._follow_broadcasts()
+                if stop.is_set():
+                    break
                 if self.run_once(stop):
                     continue
             except Exception:  # a DB outage must not kill the worker: wait and retry
@@ -77,6 +94,57 @@ class Worker:
                 wake.clear()
             else:
                 stop.wait(self.settings.worker_poll_seconds)
+        try:
+            self.control.retire(self.worker_id)
+        except Exception:
+            log.warning("could not retire worker record %s", self.worker_id)
+
+    def give_back_current(self) -> None:
+        """Requeue the batch in hand now (the process is about to end before it finishes)."""
+        if self._current:
+            self.store.requeue(list(self._current), self.worker_id)
+
+    def _follow_broadcasts(self) -> None:
+        """Carry out what the API asked of every worker since the last look."""
+        if self._seen_broadcast is None:  # orders from before this worker started do not apply
+            self._seen_broadcast = self.control.latest_id()
+        for broadcast_id, command, argument in self.control.since(self._seen_broadcast):
+            self._seen_broadcast = broadcast_id
+            log.info("worker %s: %s %s", self.worker_id, command, argument)
+            if command == "clear_cache":
+                self.engine.cache.clear()
+            elif command == "evict":
+                self.engine.cache.evict(argument)
+            elif command == "storage":
+                self.storage.reload()
+            elif command == "restart" and self.on_restart is not None:
+                self.on_restart()
+        self._advertise()
+
+    def _advertise(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_advertised < _ADVERTISE_INTERVAL:
+            return
+        self._last_advertised = now
+        device = self.engine.device
+        gpu_name = gpu_memory = None
+        if device.type == "cuda":
+            import torch
+
+            props = torch.cuda.get_device_properties(device)
+            gpu_name, gpu_memory = props.name, props.total_memory // 2**20
+        self.control.advertise(
+            WorkerInfo(
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                device=str(device),
+                gpu_name=gpu_name,
+                gpu_memory_mb=gpu_memory,
+                resident=self.engine.cache.loaded(),
+                state="busy" if self._busy else "idle",
+                last_seen=now,
+            )
+        )
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Claim and run one batch; return how many jobs it had.
@@ -90,6 +158,8 @@ class Worker:
         )
         if not batch:
             return 0
+        self._busy = True
+        self._current = [job.id for job in batch]
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(
             target=self._heartbeat, args=([job.id for job in batch], stop_heartbeat), daemon=True
@@ -104,6 +174,9 @@ class Worker:
         finally:
             stop_heartbeat.set()
             heartbeat.join()
+            self._busy = False
+            self._current = []
+        self._advertise(force=True)  # what is resident may have changed
         return len(batch)
 
     def _heartbeat(self, job_ids: list[int], stop: threading.Event) -> None:
@@ -128,6 +201,8 @@ class Worker:
             if job.kind == "model_reload":
                 self.engine.pipeline(job.model_id)
                 result = {"output_keys": [], "meta": {"model_id": job.model_id}}
+            elif job.kind == "model_load":
+                result = self._run_import_job(job)
             elif job.kind in VIDEO_KINDS:
                 result = self._run_video_job(job)
             elif job.kind in TRAINING_KINDS:
@@ -184,6 +259,22 @@ class Worker:
             "output_keys": [key],
             "meta": dict(job.params.get("meta", {})),
             "timings": _timings(job, outcome.pipeline_seconds, started),
+        }
+
+    def _run_import_job(self, job: JobView) -> dict:
+        spec = ImportSpec(**job.params["import"])
+        entry = self.importer.run(spec, self._progress(job))
+        if spec.replace:  # every worker drops what it loaded under the old files
+            self.control.publish("clear_cache")
+        return {
+            "output_keys": [],
+            "meta": {
+                "model_id": entry.model_id,
+                "model_category": entry.category,
+                "url": entry.url,
+                "sha256": entry.sha256,
+                "size_bytes": entry.size_bytes,
+            },
         }
 
     def _run_training_job(self, job: JobView) -> dict:

@@ -13,6 +13,7 @@ import httpx
 from PIL import Image, ImageOps
 
 from sdserve.errors import BadImage
+from sdserve.net import BlockedUrl, aguard_hooks, check_url_syntax
 from sdserve.settings import Settings
 
 # Formats a client plausibly sends. Pillow can open many more, some through external programs
@@ -118,15 +119,17 @@ def _decode_base64(value: str, field: str, limit: int) -> bytes:
 
 
 async def _download(url: str, field: str, settings: Settings) -> bytes:
-    _check_url(url, field)
     timeout = settings.image_fetch_timeout
     try:
+        check_url_syntax(url)
         # httpx's timeout bounds each network wait; the outer one bounds the whole download,
         # so a server dripping one byte at a time cannot hold a request open.
         async with asyncio.timeout(timeout):
-            return await _fetch(url, field, settings.max_image_bytes, timeout)
+            return await _fetch(url, field, settings, timeout)
     except BadImage:
         raise
+    except BlockedUrl as exc:
+        raise BadImage(field, f"{field} {exc}") from None
     except (TimeoutError, httpx.TimeoutException):
         reason = f"timed out after {timeout:g} seconds"
     except httpx.TooManyRedirects:
@@ -146,23 +149,15 @@ async def _download(url: str, field: str, settings: Settings) -> bytes:
     raise BadImage(field, f"{field} could not be downloaded: {reason}")
 
 
-def _check_url(url: str, field: str) -> None:
-    try:
-        parsed = httpx.URL(url)
-        scheme, host, port = parsed.scheme, parsed.host, parsed.port
-    except (httpx.InvalidURL, ValueError):  # ValueError: e.g. a host name IDNA cannot decode
-        raise BadImage(field, f"{field} is not a valid URL") from None
-    if scheme not in ("http", "https"):
-        raise BadImage(field, f"{field} URL scheme must be http or https")
-    if not host or (port is not None and not 0 < port < 65536):
-        raise BadImage(field, f"{field} is not a valid URL")
-
-
-async def _fetch(url: str, field: str, limit: int, timeout: float) -> bytes:
+async def _fetch(url: str, field: str, settings: Settings, timeout: float) -> bytes:
+    limit = settings.max_image_bytes
     too_large = f"{field} is larger than {_format_bytes(limit)}"
     async with (
         httpx.AsyncClient(
-            timeout=timeout, follow_redirects=True, max_redirects=_MAX_REDIRECTS
+            timeout=timeout,
+            follow_redirects=True,
+            max_redirects=_MAX_REDIRECTS,
+            event_hooks=aguard_hooks(settings.allow_private_urls),  # every redirect hop too
         ) as client,
         # Images are compressed already; asking for no transfer compression also avoids
         # inflating a gzip bomb chunk by chunk before the size cap can see it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sdserve.jobs.store import JobView, QueueInfo
@@ -29,14 +30,17 @@ def fetch_url(base_url: str, job: JobView) -> str:
     return base_url + FETCH_PATHS.get(job.family, "/api/v3/fetch/{id}").format(id=job.id)
 
 
-def future_links(base_url: str, job: JobView) -> list[str]:
+UrlOf = Callable[[str], str]  # storage key -> public URL
+
+
+def future_links(job: JobView, url_of: UrlOf) -> list[str]:
     """The URLs the outputs will have: names are fixed when the job is accepted."""
-    return [f"{base_url}/{key}" for key in job.params.get("output_keys", [])]
+    return [url_of(key) for key in job.params.get("output_keys", [])]
 
 
-def success_body(job: JobView, base_url: str) -> dict[str, Any]:
+def success_body(job: JobView, url_of: UrlOf) -> dict[str, Any]:
     result = job.result or {}
-    output = [f"{base_url}/{key}" for key in result.get("output_keys", [])]
+    output = [url_of(key) for key in result.get("output_keys", [])]
     return {
         "status": "success",
         "generationTime": round(job.generation_time or 0.0, 3),
@@ -53,9 +57,9 @@ def success_body(job: JobView, base_url: str) -> dict[str, Any]:
     }
 
 
-def processing_body(job: JobView, info: QueueInfo, base_url: str) -> dict[str, Any]:
+def processing_body(job: JobView, info: QueueInfo, base_url: str, url_of: UrlOf) -> dict[str, Any]:
     message = _PROCESSING_MESSAGES.get(job.family, _DEFAULT_PROCESSING_MESSAGE)
-    links = future_links(base_url, job)
+    links = future_links(job, url_of)
     return {
         "status": "processing",
         "tip": _PROCESSING_TIP,
@@ -90,10 +94,10 @@ def failed_body(job: JobView) -> dict[str, Any]:
     }
 
 
-def job_body(job: JobView, info: QueueInfo | None, base_url: str) -> dict[str, Any]:
+def job_body(job: JobView, info: QueueInfo | None, base_url: str, url_of: UrlOf) -> dict[str, Any]:
     if job.status == "success":
-        return success_body(job, base_url)
+        return success_body(job, url_of)
     if job.status == "failed":
         return failed_body(job)
     assert info is not None
-    return processing_body(job, info, base_url)
+    return processing_body(job, info, base_url, url_of)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 # Top-level folders the API serves publicly; anything else (inputs/) is private to workers.
-PUBLIC_FOLDERS = ("generations", "temp", "video_generations")
+PUBLIC_FOLDERS = ("generations", "temp", "video_generations", "uploads")
 
 
 class InvalidStorageKey(ValueError):

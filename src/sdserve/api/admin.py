@@ -1,0 +1,500 @@
+"""Model management and the enterprise admin endpoints (reference §9): the admin key only.
+
+Every route is served at `/api/v1/enterprise/<name>` and `/api/v1/enterprise/<product>/<name>`
+(era B's per-product servers). `/api/v3/load_model` is open to every key: a key's import is
+owned by it, and private to it when `model_visibility` is private.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from sdserve import __version__
+from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.images import image_route
+from sdserve.api.state import ServerState, get_state
+from sdserve.engine import tiny
+from sdserve.engine.imports import offline_message, remove_files
+from sdserve.engine.registry import safe_id
+from sdserve.engine.schedulers import SUPPORTED_SCHEDULERS
+from sdserve.errors import (
+    InvalidKey,
+    ModelNotFound,
+    ModelUnavailable,
+    NotAvailable,
+    SdserveError,
+    ValidationFailed,
+)
+from sdserve.jobs.catalogue import DuplicateModel
+from sdserve.jobs.keys import Principal
+from sdserve.net import BlockedUrl, acheck_public_url, check_url_syntax
+from sdserve.schemas.models import ImportRequest, parse_load_model
+from sdserve.schemas.responses import fetch_url
+
+router = APIRouter(tags=["enterprise"])
+_LOAD_DATA_FORMAT = "%m/%d/%Y %H:%M:%S"  # the hosted API's `load_data`, e.g. 01/25/2023 11:52:22
+
+
+def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
+    """Register a handler at both enterprise paths."""
+
+    def register(handler):
+        for path in (f"/api/v1/enterprise/{name}", f"/api/v1/enterprise/{{product}}/{name}"):
+            router.add_api_route(
+                path,
+                handler,
+                methods=list(methods),
+                summary=name,
+                include_in_schema=not path.count("{"),
+            )
+        return handler
+
+    return register
+
+
+async def _caller(request: Request, admin: bool = True) -> tuple[ServerState, dict, Principal]:
+    state = get_state(request)
+    body = await read_json_body(request, state.settings)
+    principal = authenticate(request, body, state.keys)
+    if admin and not principal.is_admin:
+        raise InvalidKey()  # what the hosted API tells a non-enterprise key
+    return state, body, principal
+
+
+def _ok(message: str, **extra) -> dict:
+    return {"status": "success", "message": message, "messege": message, **extra}
+
+
+# ---- loading models -------------------------------------------------------------------------
+
+
+async def _queue_import(
+    state: ServerState, principal: Principal, req: ImportRequest, started: str
+) -> dict:
+    """Check what can be checked now, then queue the import as a job."""
+    safe_id(req.model_id, "model_id")
+    if req.model_id in tiny.TINY_MODELS:
+        raise ValidationFailed({"model_id": [f"{req.model_id} is a built-in model id."]})
+    existing = await run_in_threadpool(state.catalogue.get, req.model_id)
+    if existing is not None and not req.replace:
+        raise DuplicateModel(req.model_id)
+    if existing is not None and not (principal.is_admin or existing.owner == principal.owner):
+        raise DuplicateModel(req.model_id)
+    if req.source_kind == "url":
+        try:
+            check_url_syntax(req.source)
+            if not state.settings.allow_private_urls:
+                await acheck_public_url(req.source)
+        except BlockedUrl as exc:
+            raise ValidationFailed({"url": [f"The url {exc}."]}) from None
+    elif req.source_kind == "hub" and state.registry.offline():
+        raise ModelUnavailable(offline_message(req.source))
+    elif req.source_kind == "trained":
+        await run_in_threadpool(state.store.get_training, req.source, principal.owner)
+    if req.config_model_id:
+        await run_in_threadpool(state.registry.config_folder, req.config_model_id)
+    spec = {
+        "model_id": req.model_id,
+        "source": req.source,
+        "source_kind": req.source_kind,
+        "category": req.category,
+        "category_known": req.category_known,
+        "model_format": req.model_format,
+        "revision": req.revision,
+        "replace": req.replace,
+        "name": req.name,
+        "visibility": req.visibility,
+        "owner": principal.owner,
+        "config_model_id": req.config_model_id,
+    }
+    job = await run_in_threadpool(
+        state.store.submit,
+        kind="model_load",
+        family="v3",
+        model_id=req.model_id,
+        batch_key=f"load|{req.model_id}|{time.time_ns()}",  # never batched
+        owner=principal.owner,
+        params={"import": spec, "meta": {"model_id": req.model_id, "url": req.source}},
+        total_steps=100,
+        cost=1.0,
+        track_id=req.track_id,
+        webhook=req.webhook,
+        queue_limit=principal.queue_limit,
+    )
+    state.bus.work_available.set()
+    return _ok(
+        started,
+        id=job.id,
+        model_id=req.model_id,
+        fetch_result=fetch_url(state.settings.base_url, job),
+    )
+
+
+@router.post("/api/v3/load_model", tags=["models"])
+async def load_model_v3(request: Request):
+    state, body, principal = await _caller(request, admin=False)
+    return await _queue_import(state, principal, parse_load_model(body), "model load started")
+
+
+@_enterprise("load_model")
+@_enterprise("load_model_v2")
+async def load_model(request: Request):
+    state, body, principal = await _caller(request)
+    return await _queue_import(state, principal, parse_load_model(body), "model load started")
+
+
+@_enterprise("load_vae")
+async def load_vae(request: Request):
+    state, body, principal = await _caller(request)
+    req = parse_load_model(body, vae=True)
+    return await _queue_import(state, principal, req, "VAE load started")
+
+
+# ---- the catalogue --------------------------------------------------------------------------
+
+
+def _model_id(body: dict, field: str = "model_id") -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationFailed({field: [f"The {field} field is required."]})
+    return safe_id(value.strip(), field)
+
+
+@_enterprise("verify_model")
+async def verify_model(request: Request):
+    state, body, principal = await _caller(request)
+    model_id = _model_id(body)
+    exists = await run_in_threadpool(_model_exists, state, model_id)
+    if not exists:
+        message = "Model does not exist on server"
+        return {"status": "error", "message": message, "messege": message, "model_id": model_id}
+    return _ok("Model exists on server", model_id=model_id)
+
+
+def _model_exists(state: ServerState, model_id: str) -> bool:
+    if state.catalogue.get(model_id) is not None:
+        return True
+    try:
+        source = state.registry.resolve(model_id)
+        state.registry.check_available(source)
+    except (ModelNotFound, ModelUnavailable, ValidationFailed):
+        return False
+    return True
+
+
+@_enterprise("get_all_models")
+async def get_all_models(request: Request):
+    state, _body, _principal = await _caller(request)
+    return {"models": await run_in_threadpool(_all_models, state), "status": "success"}
+
+
+def _all_models(state: ServerState) -> list[dict]:
+    """Models on this server: built-in, imported, and model files put in the data dir."""
+    models = []
+    imported = {entry.model_id: entry for entry in state.catalogue.list()}
+    for listed in state.registry.list_models():
+        model_id, kind = listed["model_id"], listed["source"]
+        if kind == "hub" or model_id in imported:
+            continue  # catalogue ids that were never downloaded are not on the server
+        location = state.settings.models_dir / model_id
+        loaded_at = location.stat().st_mtime if location.exists() else time.time()
+        models.append({"load_data": _load_data(loaded_at), "model_id": model_id, "source": kind})
+    for entry in imported.values():
+        models.append(
+            {
+                "load_data": _load_data(entry.loaded_at),
+                "model_id": entry.model_id,
+                "source": "imported",
+                "model_category": entry.category,
+                "model_name": entry.name,
+                "url": entry.url,
+                "sha256": entry.sha256,
+                "size_bytes": entry.size_bytes,
+                "visibility": entry.visibility,
+                "config_model_id": entry.config_model_id,
+                "file": Path(entry.location).is_file(),
+            }
+        )
+    return models
+
+
+def _load_data(timestamp: float) -> str:
+    return time.strftime(_LOAD_DATA_FORMAT, time.gmtime(timestamp))
+
+
+@_enterprise("delete_model")
+async def delete_model(request: Request):
+    state, body, _principal = await _caller(request)
+    model_id = _model_id(body)
+    entry = await run_in_threadpool(state.catalogue.remove, model_id)
+    if entry is None:
+        if model_id in tiny.TINY_MODELS:
+            raise ValidationFailed({"model_id": [f"{model_id} is built in and cannot be deleted."]})
+        raise ModelNotFound(model_id)
+    # Workers drop it (and anything loaded with it) before its files go.
+    await run_in_threadpool(state.control.publish, "clear_cache")
+    await run_in_threadpool(remove_files, entry, state.settings)
+    return _ok("Model deleted on server", model_id=model_id)
+
+
+@_enterprise("model_file", methods=("GET", "POST"))
+async def model_file(request: Request):
+    """The weights file of an imported model, for `sync_models` on another sdserve server."""
+    state, body, _principal = await _caller(request)
+    model_id = _model_id(body if "model_id" in body else dict(request.query_params))
+    entry = await run_in_threadpool(state.catalogue.get, model_id)
+    if entry is None or not Path(entry.location).is_file():
+        raise ModelNotFound(model_id)
+    return FileResponse(entry.location, media_type="application/octet-stream")
+
+
+@_enterprise("sync_models")
+async def sync_models(request: Request):
+    """Copy the imported models of another sdserve server, given its URL and admin key."""
+    state, body, principal = await _caller(request)
+    peer = body.get("sync_url") or body.get("server_url") or body.get("url")
+    sync_key = body.get("sync_key")
+    errors = {}
+    if not isinstance(peer, str) or not peer.strip():
+        errors["sync_url"] = ["The sync_url field is required (the other server's base URL)."]
+    if not isinstance(sync_key, str) or not sync_key.strip():
+        errors["sync_key"] = ["The sync_key field is required (the other server's admin key)."]
+    if errors:
+        raise ValidationFailed(errors)
+    peer = peer.strip().rstrip("/")
+    listing_url = f"{peer}/api/v1/enterprise/get_all_models"
+    try:
+        check_url_syntax(listing_url)
+        if not state.settings.allow_private_urls:
+            await acheck_public_url(listing_url)
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(listing_url, json={"key": sync_key})
+        listing = response.json()
+    except BlockedUrl as exc:
+        raise ValidationFailed({"sync_url": [f"The sync_url {exc}."]}) from None
+    except (httpx.HTTPError, ValueError) as exc:
+        raise NotAvailable(f"Could not read the model list of {peer}: {exc}") from None
+    if not isinstance(listing, dict) or listing.get("status") != "success":
+        message = listing.get("message") if isinstance(listing, dict) else None
+        raise NotAvailable(f"{peer} refused the model list: {message or 'unexpected answer'}")
+
+    synced, skipped = [], []
+    for model in listing.get("models", []):
+        model_id = model.get("model_id")
+        if model.get("source") != "imported" or not isinstance(model_id, str):
+            continue
+        if await run_in_threadpool(state.catalogue.get, model_id) is not None:
+            skipped.append({"model_id": model_id, "reason": "already on this server"})
+            continue
+        if not model.get("file"):
+            skipped.append({"model_id": model_id, "reason": "a folder model: copy it by hand"})
+            continue
+        req = ImportRequest(
+            model_id=model_id,
+            source=f"{peer}/api/v1/enterprise/model_file?model_id={model_id}",
+            source_kind="url",
+            category=model.get("model_category", "stable_diffusion"),
+            category_known=True,
+            model_format=None,
+            revision=None,
+            replace=False,
+            name=model.get("model_name") or model_id,
+            visibility=model.get("visibility", "public"),
+            webhook=None,
+            track_id=None,
+            config_model_id=model.get("config_model_id"),
+        )
+        try:
+            answer = await _queue_import(state, principal, req, "model load started")
+        except SdserveError as exc:
+            skipped.append({"model_id": model_id, "reason": exc.message})
+            continue
+        await run_in_threadpool(_add_sync_header, state, answer["id"], sync_key)
+        synced.append(model_id)
+    return _ok(f"{len(synced)} Models synced successfully", model_list=synced, skipped=skipped)
+
+
+def _add_sync_header(state: ServerState, job_id: int, sync_key: str) -> None:
+    from sdserve.jobs.db import Job
+
+    with state.store.session(write=True) as s:
+        job = s.get(Job, job_id)
+        params = dict(job.params)
+        params["import"] = {**params["import"], "headers": {"key": sync_key}}
+        job.params = params
+
+
+# ---- the server -----------------------------------------------------------------------------
+
+
+@_enterprise("system_details")
+async def system_details(request: Request):
+    state, _body, _principal = await _caller(request)
+    return await run_in_threadpool(_system_details, state)
+
+
+def _system_details(state: ServerState) -> dict:
+    queue_num, queue_time = state.store.queue_stats()
+    workers = state.control.workers()
+    disk = shutil.disk_usage(state.settings.data_dir)
+    return {
+        "status": "ok",
+        "model_count": len(_all_models(state)),
+        "queue_time": math.ceil(queue_time),
+        "queue_num": queue_num,
+        "version": __version__,
+        "gpu": [
+            {"name": w.gpu_name, "memory_mb": w.gpu_memory_mb, "worker": w.worker_id}
+            for w in workers
+            if w.gpu_name
+        ],
+        "cpu": {
+            "model": platform.processor() or platform.machine(),
+            "count": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+        "ram": _memory(),
+        "disk": {
+            "path": str(state.settings.data_dir.resolve()),
+            "total_gb": round(disk.total / 2**30, 1),
+            "free_gb": round(disk.free / 2**30, 1),
+        },
+        "loaded_models": sorted({m for w in workers for m in w.resident}),
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "hostname": w.hostname,
+                "device": w.device,
+                "state": w.state,
+                "resident": w.resident,
+                "last_seen": round(w.last_seen, 3),
+            }
+            for w in workers
+        ],
+        "storage": state.storage.describe(),
+    }
+
+
+def _memory() -> dict:
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        total = int(fields["MemTotal"].split()[0]) // 1024
+        available = int(fields["MemAvailable"].split()[0]) // 1024
+        return {"total_mb": total, "available_mb": available}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+@_enterprise("clear_cache")
+async def clear_cache(request: Request):
+    state, _body, _principal = await _caller(request)
+    await run_in_threadpool(state.control.publish, "clear_cache")
+    return _ok("Cache cleared successfully")
+
+
+@router.api_route("/api/v5/clear_cache", methods=["GET", "POST"], tags=["utilities"])
+async def clear_cache_v5(request: Request):
+    """Any key: models are loaded again on their next use, nothing else changes."""
+    state, _body, _principal = await _caller(request, admin=False)
+    await run_in_threadpool(state.control.publish, "clear_cache")
+    return _ok("Cache cleared")
+
+
+@_enterprise("clear_queue")
+async def clear_queue(request: Request):
+    state, _body, _principal = await _caller(request)
+    ids = await run_in_threadpool(state.store.clear_queue, "Queue cleared by the server operator")
+    for job_id in ids:
+        state.bus.publish(job_id)
+    return _ok(f"Queue cleared: {len(ids)} queued requests failed", cleared=len(ids))
+
+
+@_enterprise("restart_server")
+async def restart_server(request: Request):
+    state, _body, _principal = await _caller(request)
+    return _restart(state, "server restarting")
+
+
+@_enterprise("update_server")
+@_enterprise("update")
+async def update_server(request: Request):
+    """A graceful restart that re-reads the settings (environment and DATA/sdserve.env) and the
+    catalogue. It does not replace code: upgrade the package, then call this."""
+    state, _body, _principal = await _caller(request)
+    return _restart(state, "server updating")
+
+
+def _restart(state: ServerState, message: str):
+    from fastapi.responses import JSONResponse
+
+    if state.request_shutdown is None:
+        raise NotAvailable("This server was not started by `sdserve serve` and cannot restart")
+
+    def restart() -> None:
+        state.control.publish("restart")  # standalone workers drain and restart too
+        state.request_shutdown(True)
+
+    # The answer goes out first; then the server drains and re-executes itself.
+    return JSONResponse(_ok(message), background=BackgroundTask(restart))
+
+
+@_enterprise("update_s3")
+async def update_s3(request: Request):
+    from sdserve.storage.s3 import S3Config, S3Unavailable
+
+    state, body, _principal = await _caller(request)
+    bucket = body.get("image_directory") or body.get("bucket")
+    if not isinstance(bucket, str) or not bucket.strip():
+        raise ValidationFailed({"image_directory": ["The image_directory (bucket) is required."]})
+    bucket, _, prefix = bucket.strip().strip("/").partition("/")
+
+    def text(name: str) -> str | None:
+        value = body.get(name)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    endpoint = text("endpoint_url")
+    if endpoint is not None:
+        try:
+            check_url_syntax(endpoint)
+        except BlockedUrl as exc:
+            raise ValidationFailed({"endpoint_url": [f"The endpoint_url {exc}."]}) from None
+    config = S3Config(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=endpoint,
+        region_name=text("region_name"),
+        access_key_id=text("aws_access_key_id"),
+        secret_access_key=text("aws_secret_access_key"),
+        public_url=text("public_url"),
+    )
+    try:
+        await asyncio.wait_for(run_in_threadpool(state.storage.configure_s3, config), 60)
+    except S3Unavailable as exc:
+        raise NotAvailable(f"The bucket cannot be used: {exc}") from None
+    except TimeoutError:
+        raise NotAvailable("The bucket did not answer within 60 seconds") from None
+    await run_in_threadpool(state.control.publish, "storage")
+    return _ok("S3 storage updated: new outputs are stored in the bucket", s3=config.redacted())
+
+
+@_enterprise("schedulers_list")
+async def schedulers_list(request: Request):
+    await _caller(request)
+    return {"status": "success", "schedulers": list(SUPPORTED_SCHEDULERS)}
+
+
+# Enterprise text2img / img2img / inpaint: the community endpoints, for the admin key.
+for _name, _kind in (("text2img", "text2img"), ("img2img", "img2img"), ("inpaint", "inpaint")):
+    _enterprise(_name)(image_route(_kind, "community", admin_only=True))

@@ -1,0 +1,140 @@
+"""Billing endpoints mapped onto local plans and quotas: nothing is charged on a self-hosted server.
+
+The admin defines plans (monthly requests, queue limit, trained models included) with
+`/api/v1/enterprise/plans` or `sdserve plans set`. `buy_subscription` makes a new key on a plan:
+the admin may give any plan, other keys only plans the admin marked `self_service`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.state import ServerState, get_state
+from sdserve.errors import InvalidKey, InvalidRequest, ValidationFailed
+from sdserve.jobs.keys import Principal
+
+router = APIRouter(tags=["plans"])
+
+
+async def _caller(request: Request) -> tuple[ServerState, dict, Principal]:
+    state = get_state(request)
+    body = await read_json_body(request, state.settings)
+    if not body and request.method == "GET":
+        body = dict(request.query_params)
+    return state, body, authenticate(request, body, state.keys)
+
+
+def _message(text: str, **extra) -> dict:
+    return {"status": "success", "messege": text, "message": text, **extra}
+
+
+def _optional_int(body: dict, field: str, errors: dict) -> int | None:
+    value = body.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = int(str(value).strip())
+        if number < 0:
+            raise ValueError
+        return number
+    except ValueError:
+        errors[field] = [f"The {field} must be a whole number, 0 or more."]
+        return None
+
+
+@router.post("/api/v3/buy_subscription")
+async def buy_subscription(request: Request):
+    state, body, principal = await _caller(request)
+    name = str(body.get("plan_name") or "").strip()
+    plans = {p["name"]: p for p in await run_in_threadpool(state.keys.plans)}
+    if name not in plans:
+        known = ", ".join(plans) or "none defined yet"
+        raise ValidationFailed({"plan_name": [f"The plan_name must be one of: {known}."]})
+    if not principal.is_admin and not plans[name]["self_service"]:
+        raise InvalidRequest("This plan is given by the server operator only")
+    key = await run_in_threadpool(state.keys.subscribe, name, principal.key_id)
+    tier = name.split("_")[0]
+    return _message(
+        f"You have just bought a custom api with {tier} plan", data={"key": key, "plan": name}
+    )
+
+
+@router.post("/api/v3/cancel_subscription")
+async def cancel_subscription(request: Request):
+    state, body, principal = await _caller(request)
+    target = str(body.get("key_to_cancel") or "").strip()
+    if not target:
+        raise ValidationFailed({"key_to_cancel": ["The key to cancel field is required."]})
+    if not await run_in_threadpool(state.keys.cancel, target, principal):
+        raise InvalidRequest("Invalid key_to_cancel: no such active key of yours")
+    return _message("subscription cancelled successfully")
+
+
+@router.post("/api/v3/dreambooth/buy_model")
+async def buy_model(request: Request):
+    """More trained models for the key: for self-service plans, or any key given by the admin."""
+    state, body, principal = await _caller(request)
+    errors: dict[str, list[str]] = {}
+    quantity = _optional_int(body, "quantity", errors)
+    if not errors and not quantity:
+        errors["quantity"] = ["The quantity must be 1 or more."]
+    if errors:
+        raise ValidationFailed(errors)
+    if principal.is_admin or principal.key_id is None:
+        raise InvalidRequest("The admin key has no model limit; buy models with a user's key")
+    plan = await run_in_threadpool(state.keys.plan, principal.plan) if principal.plan else None
+    if plan is None or not plan["self_service"]:
+        raise InvalidRequest("Extra models are given by the server operator only")
+    purchased = await run_in_threadpool(state.keys.add_purchased_models, principal.key_id, quantity)
+    used = len(await run_in_threadpool(state.store.list_trainings, principal.owner))
+    available = plan["included_models"] + purchased - used
+    return _message(
+        "Payment was charged successfuly",  # sic: the hosted wording; nothing is charged here
+        purchased_models=purchased,
+        used_models=used,
+        available_models=max(available, 0),
+    )
+
+
+@router.api_route("/api/subscribed_products", methods=["GET", "POST"])
+async def subscribed_products(request: Request):
+    state, _body, principal = await _caller(request)
+    used = await run_in_threadpool(state.store.usage, principal.key_id) if principal.key_id else 0
+    quota = principal.monthly_quota
+    product = {
+        "plan": principal.plan,
+        "total_api_call": quota,
+        "api_call_used": used,
+        "api_call_remaining": None if quota is None else max(quota - used, 0),
+        "percentage_used": 0 if not quota else min(100, round(100 * used / quota)),
+    }
+    return {"status": "success", "data": {"imagen": product}}
+
+
+@router.post("/api/v1/enterprise/plans", tags=["enterprise"])
+async def plans(request: Request):
+    """List the plans; with `plan_name`, create or change that plan first."""
+    state, body, principal = await _caller(request)
+    if not principal.is_admin:
+        raise InvalidKey()
+    name = str(body.get("plan_name") or "").strip()
+    if name:
+        errors: dict[str, list[str]] = {}
+        fields = {
+            f: _optional_int(body, f, errors)
+            for f in ("requests_per_month", "queue_limit", "included_models")
+        }
+        if errors:
+            raise ValidationFailed(errors)
+        self_service = str(body.get("self_service", "")).strip().lower() in ("yes", "true", "1")
+        await run_in_threadpool(
+            state.keys.set_plan,
+            name,
+            fields["requests_per_month"],
+            fields["queue_limit"],
+            fields["included_models"] or 0,
+            self_service,
+        )
+    return {"status": "success", "plans": await run_in_threadpool(state.keys.plans)}

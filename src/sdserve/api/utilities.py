@@ -1,0 +1,161 @@
+"""The utility ("MIS") endpoints of reference §7: uploads, crops, deletes and NSFW checks.
+
+Uploaded images are finished jobs of kind `upload`: their id is a request id like any other, so
+`fetch` shows them and `delete_image` removes them (or a generation's images) by that id.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+from fastapi import APIRouter, Request
+from PIL import Image, ImageOps
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.state import ServerState, get_state
+from sdserve.engine.prompt_filter import check_prompt
+from sdserve.engine.safety import NsfwChecker
+from sdserve.errors import InvalidKey, JobNotFound, ValidationFailed
+from sdserve.jobs.keys import Principal
+from sdserve.media.images import decode_base64_image, encode_png, load_image_input
+
+router = APIRouter(tags=["utilities"])
+_BASE64_TO_URL_LIMIT = 5 * 1024 * 1024  # the hosted API's 5 MB
+_CROP_SIZE = 512
+
+
+async def _caller(request: Request) -> tuple[ServerState, dict, Principal]:
+    state = get_state(request)
+    body = await read_json_body(request, state.settings)
+    return state, body, authenticate(request, body, state.keys)
+
+
+def _text(body: dict, field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationFailed({field: [f"The {field} field is required."]})
+    return value.strip()
+
+
+async def _store_png(state: ServerState, owner: str, image: Image.Image, folder: str):
+    key = state.storage.new_key(f"{folder}/{uuid.uuid4().hex}.png")
+    await run_in_threadpool(state.storage.put, key, encode_png(image))
+    job = await run_in_threadpool(state.store.add_stored_file, owner, key)
+    return job, state.output_url(key)
+
+
+@router.post("/api/v3/base64_crop")
+async def base64_crop(request: Request):
+    """Store an image (a data URL); with crop, its centre square at 512x512, as training wants."""
+    state, body, principal = await _caller(request)
+    image = decode_base64_image(_text(body, "image"), "image", state.settings)
+    if str(body.get("crop", "")).strip().lower() in ("true", "yes", "1"):
+        image = ImageOps.fit(image, (_CROP_SIZE, _CROP_SIZE), Image.Resampling.LANCZOS)
+    job, url = await _store_png(state, principal.owner, image, "uploads")
+    message = "image uploaded"
+    return {
+        "status": "success",
+        "messege": message,
+        "message": message,
+        "link": url,
+        "request_id": job.id,
+    }
+
+
+@router.post("/api/v6/base64_to_url")
+async def base64_to_url(request: Request):
+    """A temporary URL (24 h, like `temp` outputs) for a base64 image."""
+    state, body, principal = await _caller(request)
+    value = _text(body, "base64_string")
+    if len(value) > _BASE64_TO_URL_LIMIT * 4 // 3 + 1024:
+        raise ValidationFailed({"base64_string": ["The base64_string may not be over 5 MB."]})
+    image = decode_base64_image(value, "base64_string", state.settings)
+    job, url = await _store_png(state, principal.owner, image, "temp")
+    return {"status": "success", "id": job.id, "output": [url]}
+
+
+@router.post("/api/v1/enterprise/upload_image", tags=["enterprise"])
+async def upload_image(request: Request):
+    state, body, principal = await _caller(request)
+    if not principal.is_admin:
+        raise InvalidKey()
+    image_type = str(body.get("image_type") or "png").strip().lower()
+    if image_type not in ("png", "jpeg", "jpg", "webp"):
+        raise ValidationFailed({"image_type": ["The image_type must be png, jpeg or jpg."]})
+    image = decode_base64_image(_text(body, "base64_image"), "base64_image", state.settings)
+    suffix = "jpg" if image_type in ("jpeg", "jpg") else image_type
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if suffix == "jpg" else suffix.upper())
+    key = state.storage.new_key(f"uploads/{uuid.uuid4().hex}.{suffix}")
+    await run_in_threadpool(state.storage.put, key, buffer.getvalue())
+    job = await run_in_threadpool(state.store.add_stored_file, principal.owner, key)
+    message = "image uploaded"
+    return {
+        "status": "success",
+        "message": message,
+        "messege": message,
+        "image_url": state.output_url(key),
+        "id": job.id,
+    }
+
+
+@router.post("/api/v3/delete_image")
+async def delete_image(request: Request):
+    """Delete an uploaded image, or a finished request's outputs, by request id."""
+    state, body, principal = await _caller(request)
+    raw = body.get("request_id", body.get("id"))
+    try:
+        job_id = int(str(raw).strip())
+    except (TypeError, ValueError):
+        raise ValidationFailed({"request_id": ["The request id must be an integer."]}) from None
+    kind = str(body.get("type") or "image").strip().lower()
+    if kind not in ("image", "video", "voice", "3d"):
+        raise ValidationFailed({"type": ["The type must be image, video, voice or 3d."]})
+    try:
+        keys = await run_in_threadpool(state.store.drop_outputs, job_id, principal.owner)
+    except JobNotFound as exc:
+        if exc.message == "Request not found":
+            raise JobNotFound("Image not found") from None
+        raise
+    for key in keys:
+        await run_in_threadpool(state.storage.delete, key)
+        await run_in_threadpool(state.storage.delete, key + ".base64")
+    message = f"{kind} deleted"
+    return {"status": "success", "messege": message, "message": message}
+
+
+@router.post("/api/v3/nsfw_image_check")
+@router.post("/api/v1/enterprise/nsfw_image_check", tags=["enterprise"])
+async def nsfw_image_check(request: Request):
+    """NudeNet's verdict on one image; the exact hosted shape (no `status` field)."""
+    state, body, principal = await _caller(request)
+    if request.url.path.startswith("/api/v1/enterprise") and not principal.is_admin:
+        raise InvalidKey()
+    value = _text(body, "init_image")
+    image = await load_image_input(value, "init_image", state.settings)
+    checker = NsfwChecker(state.settings.nsfw_threshold)
+    flagged = await run_in_threadpool(checker.is_nsfw, image)
+    if value.lower().startswith(("http://", "https://")):
+        url = value
+    else:
+        key = state.storage.new_key(f"temp/{uuid.uuid4().hex}.png")
+        await run_in_threadpool(state.storage.put, key, encode_png(image))
+        url = state.output_url(key)
+    return {"images": url, "has_nsfw_concept": [flagged]}
+
+
+@router.post("/api/check_nsfw_cp")
+async def check_nsfw_cp(request: Request):
+    """A word-list check of a prompt (see sdserve.engine.prompt_filter for what it is, and is not)."""
+    _state, body, _principal = await _caller(request)
+    prompt = _text(body, "prompt")
+    result = check_prompt(prompt)
+    return {
+        "status": "success",
+        "is_cp": result.is_cp,
+        "is_nsfw": result.is_nsfw,
+        "original_prompt": prompt,
+        "filtered_prompt": result.filtered_prompt,
+    }

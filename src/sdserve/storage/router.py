@@ -1,0 +1,151 @@
+"""One storage interface over the local disk and an S3-compatible bucket, switchable at run time.
+
+A key names where its file lives: `generations/x.png` is on the local disk, `s3:generations/x.png`
+in the bucket. Keys are made when a job is accepted, so switching storage (`update_s3`) moves new
+jobs to the bucket while every older output keeps working where it was written.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from sdserve.jobs.db import ServerConfig
+from sdserve.jobs.store import JobStore
+from sdserve.settings import Settings
+from sdserve.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    from sdserve.storage.s3 import S3Config, S3Storage
+
+S3_PREFIX = "s3:"
+_CONFIG_ROW = "s3"
+
+
+class StorageRouter:
+    def __init__(self, settings: Settings, store: JobStore | None = None):
+        self.settings = settings
+        self.local = LocalStorage(settings.outputs_dir)
+        self._store = store
+        self._s3: S3Storage | None = None
+        self._lock = threading.Lock()
+        self.reload()
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Pick up the S3 settings: the ones saved by update_s3, else the environment's."""
+        config = self._saved_config() or self._env_config()
+        backend = None
+        if config is not None:
+            from sdserve.storage.s3 import S3Storage  # boto3 only when a bucket is used
+
+            backend = S3Storage(config)
+        with self._lock:
+            self._s3 = backend
+
+    def configure_s3(self, config: S3Config) -> None:
+        """Check the bucket works, then make it the storage of new outputs, in every process."""
+        from sdserve.storage.s3 import S3Storage
+
+        candidate = S3Storage(config)
+        candidate.check()
+        if self._store is not None:
+            with self._store.session(write=True) as s:
+                row = s.get(ServerConfig, _CONFIG_ROW)
+                value = asdict(config)
+                if row is None:
+                    s.add(ServerConfig(name=_CONFIG_ROW, value=value, updated_at=time.time()))
+                else:
+                    row.value, row.updated_at = value, time.time()
+        with self._lock:
+            self._s3 = candidate
+
+    def describe(self) -> dict:
+        """What the storage is, secrets masked."""
+        with self._lock:
+            s3 = self._s3
+        if s3 is None:
+            return {"kind": "local", "root": str(self.local.root)}
+        return {"kind": "s3", **s3.config.redacted()}
+
+    def _saved_config(self) -> S3Config | None:
+        if self._store is None:
+            return None
+        with self._store.session() as s:
+            row = s.get(ServerConfig, _CONFIG_ROW)
+        if row is None:
+            return None
+        from sdserve.storage.s3 import S3Config
+
+        return S3Config(**row.value)
+
+    def _env_config(self) -> S3Config | None:
+        st = self.settings
+        if not st.s3_bucket:
+            return None
+        from sdserve.storage.s3 import S3Config
+
+        return S3Config(
+            bucket=st.s3_bucket,
+            prefix=st.s3_prefix,
+            endpoint_url=st.s3_endpoint_url,
+            region_name=st.s3_region,
+            access_key_id=st.s3_access_key_id,
+            secret_access_key=st.s3_secret_access_key,
+            public_url=st.s3_public_url,
+        )
+
+    # ---- files -----------------------------------------------------------------------------
+
+    def new_key(self, key: str) -> str:
+        """The key a new file gets: in the bucket when one is configured."""
+        with self._lock:
+            return S3_PREFIX + key if self._s3 is not None else key
+
+    def _backend(self, key: str) -> tuple[LocalStorage | S3Storage, str]:
+        if not key.startswith(S3_PREFIX):
+            return self.local, key
+        with self._lock:
+            s3 = self._s3
+        if s3 is None:
+            from sdserve.storage.s3 import S3Unavailable
+
+            raise S3Unavailable("This file is in S3 storage, which is no longer configured")
+        return s3, key[len(S3_PREFIX) :]
+
+    def put(self, key: str, data: bytes) -> None:
+        backend, name = self._backend(key)
+        backend.put(name, data)
+
+    def get(self, key: str) -> bytes:
+        backend, name = self._backend(key)
+        return backend.get(name)
+
+    def exists(self, key: str) -> bool:
+        backend, name = self._backend(key)
+        return backend.exists(name)
+
+    def delete(self, key: str) -> None:
+        backend, name = self._backend(key)
+        backend.delete(name)
+
+    def url(self, key: str, base_url: str) -> str:
+        if key.startswith(S3_PREFIX):
+            backend, name = self._backend(key)
+            return backend.url(name)
+        return f"{base_url}/{key}"
+
+    def path(self, key: str):
+        """The local file of a local key (for the API to serve)."""
+        return self.local.path(key)
+
+    def delete_older_than(self, folder: str, max_age_seconds: float) -> int:
+        removed = self.local.delete_older_than(folder, max_age_seconds)
+        with self._lock:
+            s3 = self._s3
+        if s3 is not None:
+            removed += s3.delete_older_than(folder, max_age_seconds)
+        return removed
