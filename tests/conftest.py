@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,10 +100,10 @@ class ServerProcess:
         return httpx.post(self.url + path, json=body, timeout=180, **kwargs)
 
 
-def run_cli(*args: str, data_dir: Path) -> str:
+def run_cli(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "sdserve.cli", *args, "--data-dir", str(data_dir)],
-        env=base_env(data_dir),
+        env=base_env(data_dir, **(env or {})),
         capture_output=True,
         text=True,
         timeout=120,
@@ -121,8 +122,10 @@ def start_worker(data_dir: Path, **env: str) -> subprocess.Popen:
     )
 
 
-def create_key(data_dir: Path, *extra: str) -> str:
-    return run_cli("keys", "create", *extra, data_dir=data_dir).strip().splitlines()[-1]
+def create_key(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+    """A new API key; `env` names the database when it is not the data dir's SQLite file."""
+    out = run_cli("keys", "create", *extra, data_dir=data_dir, env=env)
+    return out.strip().splitlines()[-1]
 
 
 def png_bytes(size=(64, 64), color=(200, 30, 30)) -> bytes:
@@ -352,3 +355,92 @@ class MotoServer:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    return versions[-1] if versions else None
+
+
+class PostgresServer:
+    """A real PostgreSQL server in a temp dir on loopback (initdb, pg_ctl), for the tests."""
+
+    def __init__(self):
+        self.bin = _postgres_bin()
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="sdserve-pg-"))
+        self._databases = 0
+        # PostgreSQL refuses to run as root: run it as the postgres user when we are root.
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.dir, "postgres", "postgres")
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> PostgresServer:
+        data = self.dir / "data"
+        if not data.exists():
+            self._run(
+                str(self.bin / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "sdserve",
+                "--no-sync",
+            )
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://sdserve@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"test_{self._databases}"
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def remove(self) -> None:
+        try:
+            self.stop("immediate")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server; `.ci/run` installs Debian's postgresql, so CI never skips these."""
+    if _postgres_bin() is None:
+        if os.environ.get("SDSERVE_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required (SDSERVE_REQUIRE_POSTGRES=1) but not installed")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer().start()
+    yield server
+    server.remove()

@@ -1,15 +1,17 @@
-"""Schema migrations: a data dir made before migrations existed is upgraded with its jobs kept."""
+"""Schema migrations on SQLite and PostgreSQL: a database made before migrations existed is
+upgraded with its jobs kept."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 
 from sdserve.jobs.schema import MIGRATIONS
-from sdserve.jobs.store import JobStore
+from sdserve.jobs.store import JobStore, normalize_database_url
 
 
 def _make_v01_database(url: str) -> None:
@@ -39,9 +41,16 @@ def _make_v01_database(url: str) -> None:
     engine.dispose()
 
 
-def test_old_data_dir_is_upgraded_and_keeps_its_jobs(tmp_path):
-    url = f"sqlite:///{tmp_path / 'sdserve.db'}"
-    _make_v01_database(url)
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sdserve.db'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+def test_old_data_dir_is_upgraded_and_keeps_its_jobs(database_url):
+    url = database_url
+    _make_v01_database(normalize_database_url(url))
     store = JobStore(url)
     store.create_schema()
     job = store.get(1)
@@ -57,8 +66,8 @@ def test_old_data_dir_is_upgraded_and_keeps_its_jobs(tmp_path):
     assert store.get(1).params == {"prompt": "kept"}
 
 
-def test_new_database_gets_the_newest_schema(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'new.db'}")
+def test_new_database_gets_the_newest_schema(database_url):
+    store = JobStore(database_url)
     store.create_schema()
     with store.engine.connect() as connection:
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()

@@ -1,4 +1,5 @@
-"""The job store on a real SQLite file: batch-shaped claims, leases, retries, durability."""
+"""The job store on a real SQLite file and a real PostgreSQL server: batch-shaped claims,
+leases, retries, durability."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from sdserve.errors import JobNotFound, RateLimited
 from sdserve.jobs.store import JobStore
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """The same tests on both databases the store supports."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+    store = JobStore(url)
     store.create_schema()
-    return store
+    yield store
+    store.engine.dispose()
 
 
 def submit(store, batch_key="m|text2img|64|64|2|Euler", owner="key:1", limit=None):
@@ -87,7 +94,7 @@ def test_ids_are_shared_and_owners_are_enforced(store, tmp_path):
     with pytest.raises(JobNotFound):
         store.get(a.id, owner="key:2")
     assert store.get(a.id, owner="admin").id == a.id
-    reopened = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    reopened = JobStore(store.url)  # another process's view: the same rows
     assert reopened.get(b.id).status == "queued"
 
 

@@ -75,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from sdserve.api.app import build_state
-    from sdserve.engine.images import ImageEngine
+    from sdserve.engine.noop import build_engine
     from sdserve.jobs.webhooks import WebhookDispatcher
     from sdserve.jobs.worker import Worker
 
@@ -100,7 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(
         settings,
         state.store,
-        ImageEngine(settings, state.registry),
+        build_engine(settings, state.registry),
         state.storage,
         on_restart=on_restart,
     )

@@ -98,6 +98,12 @@ class StoreUnavailable(SdserveError):
     http_status = 503
 
 
+class S3Unavailable(SdserveError):
+    """The S3 bucket cannot be used right now; the message never holds a secret."""
+
+    http_status = 503
+
+
 class QuotaExceeded(SdserveError):
     """The key's plan allows no more requests this month (or no more trained models)."""
 

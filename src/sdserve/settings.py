@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     offline: bool = False  # also implied by HF_HUB_OFFLINE=1
     residency_budget_mb: int = 12_000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # `noop` runs no model (flat images after noop_seconds): queue benchmarks and fault tests
+    engine: Literal["diffusers", "noop"] = "diffusers"
+    noop_seconds: float = 0.0
 
     # Video
     default_t2v_model: str = "tiny-t2v"  # /api/v5/text2video (ModelScope / Zeroscope layout)

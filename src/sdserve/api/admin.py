@@ -34,6 +34,7 @@ from sdserve.errors import (
     ModelNotFound,
     ModelUnavailable,
     NotAvailable,
+    S3Unavailable,
     SdserveError,
     ValidationFailed,
 )
@@ -452,7 +453,7 @@ def _restart(state: ServerState, message: str):
 
 @_enterprise("update_s3")
 async def update_s3(request: Request):
-    from sdserve.storage.s3 import S3Config, S3Unavailable
+    from sdserve.storage.s3 import S3Config
 
     state, body, _principal = await _caller(request)
     bucket = body.get("image_directory") or body.get("bucket")

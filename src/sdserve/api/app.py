@@ -13,7 +13,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve import __version__
-from sdserve.api import admin, fetch, images, plans, system, training, utilities, video
+from sdserve.api import (
+    admin,
+    fetch,
+    images,
+    operations,
+    plans,
+    system,
+    training,
+    utilities,
+    video,
+)
 from sdserve.api.envelope import error_response
 from sdserve.api.state import ServerState
 from sdserve.engine.registry import ModelRegistry
@@ -61,12 +71,12 @@ def _start_background(
     ]
     worker = None
     if state.settings.in_process_worker:
-        from sdserve.engine.images import ImageEngine
+        from sdserve.engine.noop import build_engine
 
         worker = Worker(
             state.settings,
             state.store,
-            ImageEngine(state.settings, state.registry),
+            build_engine(state.settings, state.registry),
             state.storage,
             state.bus,
         )
@@ -135,4 +145,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(utilities.router)
     app.include_router(plans.router)
+    app.include_router(operations.router)
     return app

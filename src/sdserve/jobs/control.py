@@ -25,6 +25,7 @@ class WorkerInfo:
     resident: list
     state: str
     last_seen: float
+    model_loads: int = 0
 
 
 class ControlChannel:

@@ -166,6 +166,7 @@ class WorkerRecord(Base):
     gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     resident: Mapped[list] = mapped_column(JSON, default=list)
     state: Mapped[str] = mapped_column(String(16), default="idle")  # idle|busy|draining
+    model_loads: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_seen: Mapped[float] = mapped_column(Float, index=True)
 
 

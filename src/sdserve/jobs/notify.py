@@ -39,3 +39,29 @@ class CompletionBus:
             waiters = list(self._waiters.get(job_id, []))
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
+
+
+def listen_for_jobs(database_url: str, wake: threading.Event, stop: threading.Event) -> None:
+    """Set `wake` whenever PostgreSQL says a job was queued (LISTEN/NOTIFY); runs in a thread.
+
+    Reconnects after the database goes away; meanwhile the worker polls on its timer.
+    """
+    import logging
+
+    import psycopg
+
+    from sdserve.jobs.store import NEW_JOB_CHANNEL
+
+    log = logging.getLogger(__name__)
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    while not stop.is_set():
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
+                connection.execute(f"LISTEN {NEW_JOB_CHANNEL}")
+                wake.set()  # jobs may have arrived while we were not listening
+                while not stop.is_set():
+                    for _ in connection.notifies(timeout=1.0, stop_after=1):
+                        wake.set()
+        except psycopg.Error as exc:
+            log.warning("job notifications lost (%s); retrying", exc)
+            stop.wait(1.0)

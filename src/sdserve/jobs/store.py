@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import case, create_engine, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -94,13 +94,27 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+NEW_JOB_CHANNEL = "sdserve_jobs"  # PostgreSQL NOTIFY channel: a job was queued
+
+
+def normalize_database_url(url: str) -> str:
+    """`postgresql://` and `postgres://` URLs use psycopg 3, the driver sdserve installs."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
 class JobStore:
     def __init__(self, database_url: str):
+        database_url = normalize_database_url(database_url)
+        self.url = database_url
         self.is_sqlite = database_url.startswith("sqlite")
         kwargs = (
             {"connect_args": {"timeout": 30, "check_same_thread": False}}
             if self.is_sqlite
-            else {"pool_pre_ping": True}
+            # pre_ping: connections dropped while the database was away are replaced, not used
+            else {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
         )
         self.engine = create_engine(database_url, **kwargs)
         if self.is_sqlite:
@@ -252,6 +266,8 @@ class JobStore:
         job = Job(owner=owner, status="queued", created_at=time.time(), **fields)
         s.add(job)
         s.flush()
+        if s.get_bind().dialect.name == "postgresql":  # delivered to LISTENing workers on commit
+            s.execute(select(func.pg_notify(NEW_JOB_CHANNEL, "")))
         return job
 
     def get(self, job_id: int, owner: str | None = None) -> JobView:
@@ -330,20 +346,33 @@ class JobStore:
 
     # ---- workers ---------------------------------------------------------------------------
 
-    def claim_batch(self, worker_id: str, max_size: int, lease_seconds: float) -> list[JobView]:
+    def claim_batch(
+        self,
+        worker_id: str,
+        max_size: int,
+        lease_seconds: float,
+        resident: list[str] | None = None,
+        prefer_window: float = 2.0,
+    ) -> list[JobView]:
         """Lease the oldest claimable job and up to `max_size - 1` more with the same batch_key.
 
-        Claimable: queued, or processing under an expired lease (its worker died).
+        Claimable: queued, or processing under an expired lease (its worker died). A worker
+        passes the models it has `resident`: jobs for those come first, unless an older job has
+        waited longer than `prefer_window` seconds (no job starves behind a busy model).
         """
         now = time.time()
         claimable = (Job.status == "queued") | (
             (Job.status == "processing") & (Job.lease_expires < now)
         )
+        order = [Job.id]
+        if resident:
+            warm = Job.model_id.in_(resident) | (Job.created_at < now - prefer_window)
+            order = [case((warm, 0), else_=1), Job.id]
         with self.session(write=True) as s:
             first = s.scalars(
                 select(Job)
                 .where(claimable)
-                .order_by(Job.id)
+                .order_by(*order)
                 .limit(1)
                 .with_for_update(skip_locked=True)
             ).first()

@@ -18,9 +18,9 @@ from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ImportSpec, ModelImporter
 from sdserve.engine.training import Trainer, TrainingCancelled, TrainingHooks
 from sdserve.engine.video import VideoEngine
-from sdserve.errors import EngineError, SdserveError
+from sdserve.errors import EngineError, SdserveError, StoreUnavailable
 from sdserve.jobs.control import ControlChannel, WorkerInfo
-from sdserve.jobs.notify import CompletionBus
+from sdserve.jobs.notify import CompletionBus, listen_for_jobs
 from sdserve.jobs.store import JobStore, JobView
 from sdserve.media.images import encode_png
 from sdserve.media.video import decode_video, encode_video
@@ -75,9 +75,18 @@ class Worker:
         self._seen_broadcast: int | None = None
         self._busy = False
         self._current: list[int] = []
+        # Set when there may be work: by the API's bus in-process, by NOTIFY on PostgreSQL.
+        self.wake = bus.work_available if bus is not None else threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
+        if not self.store.is_sqlite:
+            threading.Thread(
+                target=listen_for_jobs,
+                args=(self.store.url, self.wake, stop),
+                name="job-notifications",
+                daemon=True,
+            ).start()
         while not stop.is_set():
             try:
                 self._follow_broadcasts()
@@ -88,12 +97,8 @@ class Worker:
             except Exception:  # a DB outage must not kill the worker: wait and retry
                 log.exception("worker loop error")
                 stop.wait(1.0)
-            wake = self.bus.work_available if self.bus else None
-            if wake is not None:
-                wake.wait(self.settings.worker_poll_seconds)
-                wake.clear()
-            else:
-                stop.wait(self.settings.worker_poll_seconds)
+            self.wake.wait(self.settings.worker_poll_seconds)
+            self.wake.clear()
         try:
             self.control.retire(self.worker_id)
         except Exception:
@@ -143,6 +148,7 @@ class Worker:
                 resident=self.engine.cache.loaded(),
                 state="busy" if self._busy else "idle",
                 last_seen=now,
+                model_loads=self.engine.cache.loads,
             )
         )
 
@@ -154,7 +160,10 @@ class Worker:
         """
         self._maintenance()
         batch = self.store.claim_batch(
-            self.worker_id, self.settings.max_batch_size, self.settings.lease_seconds
+            self.worker_id,
+            self.settings.max_batch_size,
+            self.settings.lease_seconds,
+            resident=self.engine.cache.loaded(),
         )
         if not batch:
             return 0
@@ -209,17 +218,38 @@ class Worker:
                 result = self._run_training_job(job)
             else:
                 result = self._run_image_job(job)
+        except StoreUnavailable as exc:
+            # The database went away mid-job: its lease runs out and it runs again.
+            log.warning("job %s interrupted: %s", job.id, exc.message)
+            return
         except SdserveError as exc:
             log.warning("job %s failed: %s", job.id, exc.message)
-            self.store.fail(job.id, self.worker_id, exc.message)
+            self._finish(self.store.fail, job.id, self.worker_id, exc.message)
         except Exception as exc:
             log.exception("job %s crashed", job.id)
-            self.store.fail(job.id, self.worker_id, f"Internal error: {type(exc).__name__}: {exc}")
+            message = f"Internal error: {type(exc).__name__}: {exc}"
+            self._finish(self.store.fail, job.id, self.worker_id, message)
         else:
             elapsed = time.perf_counter() - started
-            if self.store.complete(job.id, self.worker_id, result, elapsed):
+            if self._finish(self.store.complete, job.id, self.worker_id, result, elapsed):
                 self.store.record_timing(job.model_id, elapsed / max(job.cost, 1e-6))
         self._publish(job.id)
+
+    def _finish(self, record, *args) -> bool:
+        """Record a job's end, riding out a database outage for up to one lease.
+
+        Past that the lease has expired and another worker may run the job again; its outputs
+        overwrite these (same keys), so nothing is duplicated.
+        """
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while True:
+            try:
+                return record(*args)
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job store unavailable; retrying the result of job %s", args[0])
+                time.sleep(1.0)
 
     def _run_image_job(self, job: JobView) -> dict:
         params = GenerationParams.model_validate(job.params)
@@ -319,9 +349,12 @@ class Worker:
             if done == total or now - last_write[0] >= _PROGRESS_INTERVAL:
                 last_write[0] = now
                 step = round(done * job.total_steps / max(total, 1))
-                self.store.report_progress(
-                    self.worker_id, job.id, step, self.settings.lease_seconds
-                )
+                try:
+                    self.store.report_progress(
+                        self.worker_id, job.id, step, self.settings.lease_seconds
+                    )
+                except StoreUnavailable:  # progress is best effort; the result is not
+                    log.warning("progress of job %s not recorded: job store unavailable", job.id)
 
         return on_step
 

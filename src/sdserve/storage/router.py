@@ -111,7 +111,7 @@ class StorageRouter:
         with self._lock:
             s3 = self._s3
         if s3 is None:
-            from sdserve.storage.s3 import S3Unavailable
+            from sdserve.errors import S3Unavailable
 
             raise S3Unavailable("This file is in S3 storage, which is no longer configured")
         return s3, key[len(S3_PREFIX) :]

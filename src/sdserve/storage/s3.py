@@ -11,11 +11,8 @@ import boto3
 import botocore.config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from sdserve.errors import S3Unavailable
 from sdserve.storage.local import InvalidStorageKey
-
-
-class S3Unavailable(RuntimeError):
-    """The bucket cannot be used right now; the message never holds a secret."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Operations: liveness, readiness and Prometheus metrics (read from the shared database, so any
+API process reports the whole deployment: every worker and every job)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select, text
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.state import ServerState, get_state
+from sdserve.errors import SdserveError
+from sdserve.jobs.db import Job, StepTiming, WebhookDelivery, WebhookOutbox, WorkerRecord
+
+router = APIRouter(tags=["operations"])
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
+_RECENT_SECONDS = 3600.0
+
+
+@router.get("/healthz")
+async def healthz():
+    """The process is up (liveness)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    """The database and the output storage answer (readiness: send traffic here)."""
+    state = get_state(request)
+    checks = await run_in_threadpool(_readiness, state)
+    ready = all(value == "ok" for value in checks.values())
+    body = {"status": "ready" if ready else "not_ready", **checks}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _readiness(state: ServerState) -> dict[str, str]:
+    checks = {}
+    try:
+        with state.store.session() as s:
+            s.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except SdserveError as exc:
+        checks["database"] = exc.message
+    try:
+        state.storage.exists(state.storage.new_key("temp/.ready"))
+        checks["storage"] = "ok"
+    except SdserveError as exc:
+        checks["storage"] = exc.message
+    return checks
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    state = get_state(request)
+    registry = CollectorRegistry()
+    registry.register(_DatabaseCollector(state))
+    try:
+        payload = await run_in_threadpool(generate_latest, registry)
+    except SdserveError as exc:
+        return JSONResponse({"status": "error", "message": exc.message}, status_code=503)
+    return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+
+class _DatabaseCollector:
+    """Reads the deployment's state at scrape time."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def collect(self):
+        now = time.time()
+        with self.state.store.session() as s:
+            by_status = s.execute(
+                select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)
+            ).all()
+            durations = s.scalars(
+                select(Job.generation_time).where(
+                    Job.status == "success",
+                    Job.finished_at > now - _RECENT_SECONDS,
+                    Job.generation_time.is_not(None),
+                )
+            ).all()
+            timings = s.execute(select(StepTiming.model_id, StepTiming.seconds_per_unit)).all()
+            workers = s.scalars(
+                select(WorkerRecord).where(WorkerRecord.last_seen > now - 120)
+            ).all()
+            failed_attempts = s.scalar(
+                select(func.count())
+                .select_from(WebhookDelivery)
+                .where(WebhookDelivery.ok.is_(False))
+            )
+            given_up = s.scalar(
+                select(func.count())
+                .select_from(WebhookOutbox)
+                .where(WebhookOutbox.state == "gave_up")
+            )
+
+        queued = sum(count for status, _kind, count in by_status if status == "queued")
+        yield GaugeMetricFamily("sdserve_queue_depth", "Jobs waiting for a worker", value=queued)
+        jobs = GaugeMetricFamily(
+            "sdserve_jobs", "Jobs by status and kind", labels=["status", "kind"]
+        )
+        for status, kind, count in by_status:
+            jobs.add_metric([status, kind], count)
+        yield jobs
+
+        buckets, total = [], 0
+        for bound in _DURATION_BUCKETS:
+            buckets.append(
+                (
+                    str(bound) if bound != float("inf") else "+Inf",
+                    sum(d <= bound for d in durations),
+                )
+            )
+        total = sum(durations)
+        yield HistogramMetricFamily(
+            "sdserve_job_seconds",
+            "Worker time of jobs finished in the last hour",
+            buckets=buckets,
+            sum_value=total,
+        )
+        steps = GaugeMetricFamily(
+            "sdserve_seconds_per_step",
+            "Measured seconds per work unit (a step at 512x512)",
+            labels=["model_id"],
+        )
+        for model_id, seconds in timings:
+            steps.add_metric([model_id], seconds)
+        yield steps
+
+        loads = CounterMetricFamily(
+            "sdserve_model_loads", "Models loaded by each worker", labels=["worker"]
+        )
+        live = GaugeMetricFamily(
+            "sdserve_workers", "Workers seen in the last 2 minutes", labels=["state"]
+        )
+        states: dict[str, int] = {}
+        for worker in workers:
+            loads.add_metric([worker.worker_id], worker.model_loads)
+            states[worker.state] = states.get(worker.state, 0) + 1
+        for name, count in states.items():
+            live.add_metric([name], count)
+        yield loads
+        yield live
+        yield CounterMetricFamily(
+            "sdserve_webhook_failures", "Failed webhook delivery attempts", value=failed_attempts
+        )
+        yield CounterMetricFamily(
+            "sdserve_webhooks_given_up", "Webhooks dropped after every retry failed", value=given_up
+        )
