@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import (
-    MotoServer,
-    PostgresServer,
     ServerProcess,
     WebhookReceiver,
     create_key,
@@ -20,6 +18,7 @@ from conftest import (
 from sqlalchemy import create_engine, text
 
 from sdserve.jobs.store import normalize_database_url
+from sdserve.testing import MotoServer, PostgresServer
 
 BODY = {
     "prompt": "x",

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import io
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import httpx
@@ -17,6 +13,7 @@ from PIL import Image
 
 from sdserve.storage.local import InvalidStorageKey
 from sdserve.storage.s3 import S3Config, S3Storage, S3Unavailable
+from sdserve.testing import MotoServer
 
 REGION = "us-east-1"
 ACCESS_KEY = "testing"
@@ -25,50 +22,11 @@ SECRET = "testing-secret-must-never-leak"
 BUCKET = "outputs"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_moto() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
-    proc, url = _start_moto()
-    try:
-        yield url
-    finally:
-        _stop(proc)
+    moto = MotoServer().start()
+    yield moto.url
+    moto.stop()
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +134,9 @@ def test_check_good_and_missing_bucket(s3_server: str, bucket: str) -> None:
 
 
 def test_server_down_fails_fast() -> None:
-    proc, url = _start_moto()
-    _stop(proc)
+    moto = MotoServer().start()
+    url = moto.url
+    moto.stop()
     storage = S3Storage(_config(url))
     calls = [
         lambda: storage.put("temp/a.png", b"x"),

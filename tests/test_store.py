@@ -107,8 +107,15 @@ def test_queue_limit(store):
 
 
 def test_queue_info_counts_work_ahead(store):
+    timed = submit(store)
+    [claimed] = store.claim_batch("w", 1, 30)
+    store.complete(claimed.id, "w", {"output_keys": []}, 0.5)  # measures 0.5 s per unit
     first, second = submit(store), submit(store)
-    store.record_timing("m", 0.5)
+    assert timed.id == claimed.id
     assert store.queue_info(second).position == 1
     assert store.queue_info(second).eta == pytest.approx(1.0)
     assert store.queue_info(first).eta == pytest.approx(0.5)
+    store.claim_batch("w", 1, 30)
+    # the running job's work counts for the ones behind it
+    assert store.queue_info(store.get(second.id)).position == 0
+    assert store.queue_info(store.get(second.id)).eta == pytest.approx(1.0)

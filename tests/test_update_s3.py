@@ -7,8 +7,10 @@ import json
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, MotoServer, ServerProcess, create_key
+from conftest import ADMIN_KEY, ServerProcess, create_key
 from PIL import Image
+
+from sdserve.testing import MotoServer
 
 SECRET = "very-secret-key-value"
 GEN = {

@@ -31,6 +31,7 @@ FINISHED = ("success", "failed")
 _FINISHED_CACHE_SIZE = 20_000
 _DEFAULT_SECONDS_PER_UNIT = 0.1  # until a model has been measured
 _TIMING_SMOOTHING = 0.3
+_RATE_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class JobStore:
         # Finished jobs never change, so fetches of them (most fetches) skip the database.
         self._finished: OrderedDict[int, JobView] = OrderedDict()
         self._finished_lock = threading.Lock()
+        self._rates: dict[str, tuple[float, float]] = {}  # model_id -> (seconds/unit, expiry)
         self._write = sessionmaker(
             self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
         )
@@ -295,21 +297,33 @@ class JobStore:
 
     def queue_info(self, job: JobView) -> QueueInfo:
         """Position and ETA from the work ahead of this job and measured seconds per unit."""
-        with self.session() as s:
-            rate = self._seconds_per_unit(s, job.model_id)
-            if job.status == "processing":
-                remaining = 1 - (job.step / job.total_steps if job.total_steps else 0)
-                return QueueInfo(0, round(rate * job.cost * remaining, 2))
-            ahead, ahead_cost = s.execute(
-                select(func.count(Job.id), func.coalesce(func.sum(Job.cost), 0.0)).where(
-                    Job.status == "queued", Job.id < job.id
-                )
+        rate = self._rate(job.model_id)
+        if job.status == "processing":
+            remaining = 1 - (job.step / job.total_steps if job.total_steps else 0)
+            return QueueInfo(0, round(rate * job.cost * remaining, 2))
+        ahead_of_it = (Job.status == "queued") & (Job.id < job.id)
+        with self.session() as s:  # one pass over the waiting and running jobs
+            ahead, ahead_cost, running = s.execute(
+                select(
+                    func.count(case((ahead_of_it, 1))),
+                    func.coalesce(func.sum(case((ahead_of_it, Job.cost), else_=0.0)), 0.0),
+                    func.coalesce(
+                        func.sum(case((Job.status == "processing", Job.cost), else_=0.0)), 0.0
+                    ),
+                ).where(Job.status.in_(("queued", "processing")))
             ).one()
-            running = s.scalar(
-                select(func.coalesce(func.sum(Job.cost), 0.0)).where(Job.status == "processing")
-            )
-            eta = rate * (ahead_cost + running + job.cost)
-            return QueueInfo(int(ahead), round(eta, 2))
+        eta = rate * (ahead_cost + running + job.cost)
+        return QueueInfo(int(ahead), round(eta, 2))
+
+    def _rate(self, model_id: str) -> float:
+        """Seconds per work unit of a model, re-read from the database every few seconds."""
+        cached = self._rates.get(model_id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        with self.session() as s:
+            rate = self._seconds_per_unit(s, model_id)
+        self._rates[model_id] = (rate, time.monotonic() + _RATE_CACHE_SECONDS)
+        return rate
 
     def queue_stats(self) -> tuple[int, float]:
         """(jobs waiting, seconds of work waiting) for `system_load`."""
@@ -329,20 +343,18 @@ class JobStore:
             found = s.scalar(select(func.avg(StepTiming.seconds_per_unit)))
         return found or _DEFAULT_SECONDS_PER_UNIT
 
-    def record_timing(self, model_id: str, seconds_per_unit: float) -> None:
-        with self.session(write=True) as s:
-            row = s.get(StepTiming, model_id)
-            if row is None:
-                s.add(
-                    StepTiming(
-                        model_id=model_id, seconds_per_unit=seconds_per_unit, updated_at=time.time()
-                    )
+    @staticmethod
+    def _record_timing(s: Session, model_id: str, seconds_per_unit: float) -> None:
+        row = s.get(StepTiming, model_id)
+        if row is None:
+            s.add(
+                StepTiming(
+                    model_id=model_id, seconds_per_unit=seconds_per_unit, updated_at=time.time()
                 )
-            else:
-                row.seconds_per_unit += _TIMING_SMOOTHING * (
-                    seconds_per_unit - row.seconds_per_unit
-                )
-                row.updated_at = time.time()
+            )
+        else:
+            row.seconds_per_unit += _TIMING_SMOOTHING * (seconds_per_unit - row.seconds_per_unit)
+            row.updated_at = time.time()
 
     # ---- workers ---------------------------------------------------------------------------
 
@@ -430,7 +442,10 @@ class JobStore:
             )
 
     def complete(self, job_id: int, worker_id: str, result: dict, generation_time: float) -> bool:
-        """Record success. False if this worker lost the lease and the job ended elsewhere."""
+        """Record success and the measured speed (for ETAs), in one transaction.
+
+        False if this worker lost the lease and the job ended elsewhere.
+        """
         with self.session(write=True) as s:
             job = s.get(Job, job_id)
             if job is None or job.status != "processing" or job.lease_owner != worker_id:
@@ -438,6 +453,7 @@ class JobStore:
             job.generation_time = generation_time
             job.step = job.total_steps
             self._finish(job, "success", result, None, time.time())
+            self._record_timing(s, job.model_id, generation_time / max(job.cost, 1e-6))
             return True
 
     def fail(self, job_id: int, worker_id: str, message: str) -> bool:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
 _MAINTENANCE_INTERVAL = 30.0
 _ADVERTISE_INTERVAL = 5.0
+_BROADCAST_INTERVAL = 0.5
 VIDEO_KINDS = ("animatediff", "t2v", "svd")
 TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
 _SANDBOX_STAGES = (
@@ -72,7 +73,9 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._last_maintenance = 0.0
         self._last_advertised = 0.0
+        self._advertised_models: list[str] = []
         self._seen_broadcast: int | None = None
+        self._last_broadcast_check = 0.0
         self._busy = False
         self._current: list[int] = []
         # Set when there may be work: by the API's bus in-process, by NOTIFY on PostgreSQL.
@@ -110,7 +113,12 @@ class Worker:
             self.store.requeue(list(self._current), self.worker_id)
 
     def _follow_broadcasts(self) -> None:
-        """Carry out what the API asked of every worker since the last look."""
+        """Carry out what the API asked of every worker since the last look (at most every
+        `_BROADCAST_INTERVAL`: it is one query, and the claim loop runs much more often)."""
+        now = time.monotonic()
+        if now - self._last_broadcast_check < _BROADCAST_INTERVAL:
+            return
+        self._last_broadcast_check = now
         if self._seen_broadcast is None:  # orders from before this worker started do not apply
             self._seen_broadcast = self.control.latest_id()
         for broadcast_id, command, argument in self.control.since(self._seen_broadcast):
@@ -131,6 +139,7 @@ class Worker:
         if not force and now - self._last_advertised < _ADVERTISE_INTERVAL:
             return
         self._last_advertised = now
+        self._advertised_models = self.engine.cache.loaded()
         device = self.engine.device
         gpu_name = gpu_memory = None
         if device.type == "cuda":
@@ -185,7 +194,7 @@ class Worker:
             heartbeat.join()
             self._busy = False
             self._current = []
-        self._advertise(force=True)  # what is resident may have changed
+        self._advertise(force=self.engine.cache.loaded() != self._advertised_models)
         return len(batch)
 
     def _heartbeat(self, job_ids: list[int], stop: threading.Event) -> None:
@@ -231,8 +240,7 @@ class Worker:
             self._finish(self.store.fail, job.id, self.worker_id, message)
         else:
             elapsed = time.perf_counter() - started
-            if self._finish(self.store.complete, job.id, self.worker_id, result, elapsed):
-                self.store.record_timing(job.model_id, elapsed / max(job.cost, 1e-6))
+            self._finish(self.store.complete, job.id, self.worker_id, result, elapsed)
         self._publish(job.id)
 
     def _finish(self, record, *args) -> bool:
@@ -346,7 +354,8 @@ class Worker:
 
         def on_step(done: int, total: int) -> None:
             now = time.monotonic()
-            if done == total or now - last_write[0] >= _PROGRESS_INTERVAL:
+            # The last step is not written: completing the job records it.
+            if done < total and now - last_write[0] >= _PROGRESS_INTERVAL:
                 last_write[0] = now
                 step = round(done * job.total_steps / max(total, 1))
                 try:
