@@ -8,12 +8,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from conftest import (
+    ADMIN_KEY,
+    FileServer,
     ServerProcess,
     WebhookReceiver,
     create_key,
+    decode_png,
     start_worker,
+    wait_for_job,
+    write_lora,
 )
 from sqlalchemy import create_engine, text
 
@@ -263,3 +269,56 @@ def test_sigterm_drains_a_worker(postgres, s3, tmp_path):
             replacement.wait(timeout=30)
     finally:
         api.stop()
+
+
+def test_imported_models_reach_workers_on_other_hosts(postgres, s3, tmp_path, tiny_models_dir):
+    from diffusers import StableDiffusionPipeline
+
+    host = FileServer()
+    write_lora(
+        StableDiffusionPipeline.from_pretrained(tiny_models_dir / "tiny-sd"),
+        tmp_path / "style.safetensors",
+        seed=4,
+    )
+    host.files["style.safetensors"] = (tmp_path / "style.safetensors").read_bytes()
+    url = postgres.new_database()
+    env = deployment_env(url, s3, SDSERVE_ENGINE="diffusers")
+    api = ServerProcess(tmp_path / "api", SDSERVE_IN_PROCESS_WORKER="0", **env).start()
+    first = start_worker(tmp_path / "host-a", **env)
+    body = {
+        **BODY,
+        "key": ADMIN_KEY,
+        "model_id": "tiny-sd",
+        "seed": 3,
+        "safety_checker": "no",
+        "instant_response": "no",
+    }
+    try:
+        load = api.post(
+            "/api/v1/enterprise/load_model",
+            {
+                "key": ADMIN_KEY,
+                "url": f"{host.url}/files/style.safetensors",
+                "model_id": "shared",
+                "model_category": "lora",
+            },
+        ).json()
+        assert wait_for_job(api, ADMIN_KEY, load["id"])["status"] == "success"
+        on_a = api.post("/api/v4/dreambooth", {**body, "lora_model": "shared"}).json()
+        first.terminate()
+        first.wait(timeout=60)
+        second = start_worker(tmp_path / "host-b", **env)  # a fresh host: no model files
+        try:
+            on_b = api.post("/api/v4/dreambooth", {**body, "lora_model": "shared"}).json()
+            plain = api.post("/api/v4/dreambooth", body).json()
+        finally:
+            second.terminate()
+            second.wait(timeout=60)
+        pixels = [np.asarray(decode_png(d["output"][0]), dtype=int) for d in (on_a, on_b, plain)]
+        assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+        assert list((tmp_path / "host-b" / "imported" / "lora").glob("shared-*.safetensors"))
+        api.post("/api/v1/enterprise/delete_model", {"key": ADMIN_KEY, "model_id": "shared"})
+        assert not s3.client().list_objects_v2(Bucket="sdserve", Prefix="models/").get("Contents")
+    finally:
+        api.stop()
+        host.close()

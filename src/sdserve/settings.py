@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     worker_poll_seconds: float = 0.5
     max_batch_size: int = 8
+    # A batch's budget in work units (samples x steps x megapixels / 512x512): 8 SD1.5 images
+    # at 30 steps by default; larger images and longer runs make smaller batches.
+    max_batch_cost: float = 240.0
+    batch_window_ms: float = 0.0  # wait this long for more compatible jobs before starting
     shutdown_grace_seconds: float = 60.0  # a restart waits this long for running jobs
 
     # Webhooks

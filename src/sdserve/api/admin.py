@@ -225,7 +225,7 @@ def _all_models(state: ServerState) -> list[dict]:
                 "size_bytes": entry.size_bytes,
                 "visibility": entry.visibility,
                 "config_model_id": entry.config_model_id,
-                "file": Path(entry.location).is_file(),
+                "file": Path(entry.location).suffix in (".safetensors", ".ckpt", ".pt"),
             }
         )
     return models
@@ -246,7 +246,7 @@ async def delete_model(request: Request):
         raise ModelNotFound(model_id)
     # Workers drop it (and anything loaded with it) before its files go.
     await run_in_threadpool(state.control.publish, "clear_cache")
-    await run_in_threadpool(remove_files, entry, state.settings)
+    await run_in_threadpool(remove_files, entry, state.settings, state.storage)
     return _ok("Model deleted on server", model_id=model_id)
 
 
@@ -256,9 +256,10 @@ async def model_file(request: Request):
     state, body, _principal = await _caller(request)
     model_id = _model_id(body if "model_id" in body else dict(request.query_params))
     entry = await run_in_threadpool(state.catalogue.get, model_id)
-    if entry is None or not Path(entry.location).is_file():
+    path = None if entry is None else state.registry.entry_path(entry.location)
+    if path is None or not await run_in_threadpool(state.registry.fetch_missing_file, path):
         raise ModelNotFound(model_id)
-    return FileResponse(entry.location, media_type="application/octet-stream")
+    return FileResponse(path, media_type="application/octet-stream")
 
 
 @_enterprise("sync_models")

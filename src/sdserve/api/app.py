@@ -46,14 +46,15 @@ def build_state(settings: Settings) -> ServerState:
     store = JobStore(settings.resolved_database_url)
     store.create_schema()
     catalogue = ModelCatalogue(store)
+    storage = StorageRouter(settings, store)
     return ServerState(
         settings=settings,
         store=store,
         keys=KeyRing(store, settings.admin_key, settings.queue_limit_per_key),
         catalogue=catalogue,
         control=ControlChannel(store),
-        registry=ModelRegistry(settings, catalogue),
-        storage=StorageRouter(settings, store),
+        registry=ModelRegistry(settings, catalogue, storage),
+        storage=storage,
         bus=CompletionBus(),
     )
 

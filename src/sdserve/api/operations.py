@@ -8,7 +8,12 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
 from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +24,7 @@ from sdserve.jobs.db import Job, StepTiming, WebhookDelivery, WebhookOutbox, Wor
 router = APIRouter(tags=["operations"])
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
 _RECENT_SECONDS = 3600.0
+_RECENT_JOBS = 5000  # the newest finished jobs the timing metrics are computed over
 
 
 @router.get("/healthz")
@@ -77,13 +83,17 @@ class _DatabaseCollector:
             by_status = s.execute(
                 select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)
             ).all()
-            durations = s.scalars(
-                select(Job.generation_time).where(
+            recent = s.execute(
+                select(Job.generation_time, Job.result)
+                .where(
                     Job.status == "success",
                     Job.finished_at > now - _RECENT_SECONDS,
                     Job.generation_time.is_not(None),
                 )
+                .order_by(Job.id.desc())
+                .limit(_RECENT_JOBS)
             ).all()
+            durations = [duration for duration, _ in recent]
             timings = s.execute(select(StepTiming.model_id, StepTiming.seconds_per_unit)).all()
             workers = s.scalars(
                 select(WorkerRecord).where(WorkerRecord.last_seen > now - 120)
@@ -108,7 +118,7 @@ class _DatabaseCollector:
             jobs.add_metric([status, kind], count)
         yield jobs
 
-        buckets, total = [], 0
+        buckets = []
         for bound in _DURATION_BUCKETS:
             buckets.append(
                 (
@@ -122,6 +132,25 @@ class _DatabaseCollector:
             "Worker time of jobs finished in the last hour",
             buckets=buckets,
             sum_value=total,
+        )
+        stages: dict[str, list[float]] = {}
+        for _, result in recent:
+            for stage, seconds in ((result or {}).get("timings") or {}).items():
+                stages.setdefault(stage, []).append(seconds)
+        batch_sizes = stages.pop("batch_size", [])
+        by_stage = SummaryMetricFamily(
+            "sdserve_stage_seconds",
+            "Where recent jobs' time went: queue_wait, model_load, denoise, decode, nsfw, upload",
+            labels=["stage"],
+        )
+        for stage, values in sorted(stages.items()):
+            by_stage.add_metric([stage], count_value=len(values), sum_value=sum(values))
+        yield by_stage
+        yield SummaryMetricFamily(
+            "sdserve_batch_size",
+            "Jobs sharing a denoising loop, over recent jobs",
+            count_value=len(batch_sizes),
+            sum_value=sum(batch_sizes),
         )
         steps = GaugeMetricFamily(
             "sdserve_seconds_per_step",

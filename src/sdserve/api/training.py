@@ -141,7 +141,10 @@ async def delete_training(request: Request, training_id: str):
     state, principal = await _caller(request)
     await run_in_threadpool(state.store.delete_training, training_id, principal.owner)
     data_dir = state.settings.data_dir
-    (data_dir / "loras" / f"{training_id}.safetensors").unlink(missing_ok=True)
+    lora = data_dir / "loras" / f"{training_id}.safetensors"
+    for made in (lora, state.settings.models_dir / training_id):
+        await run_in_threadpool(state.storage.delete_model_files, made)
+    lora.unlink(missing_ok=True)
     for folder in (
         state.settings.models_dir / training_id,
         data_dir / "training" / training_id,

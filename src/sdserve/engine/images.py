@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers import (
     AutoPipelineForImage2Image,
@@ -17,10 +19,10 @@ from diffusers import (
 from PIL import Image
 
 from sdserve.engine.prompts import encode_prompts
-from sdserve.engine.registry import ModelRegistry, ResidencyCache
+from sdserve.engine.registry import ModelRegistry, ResidencyCache, free_device_memory
 from sdserve.engine.safety import NsfwChecker, replace_nsfw
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
-from sdserve.errors import EngineError
+from sdserve.errors import EngineError, SdserveError
 from sdserve.schemas.images import GenerationParams
 from sdserve.settings import Settings
 
@@ -31,6 +33,7 @@ _TASK_PIPELINES = {
 }
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +42,40 @@ class ImageResult:
     nsfw: list[bool]
     scheduler: str
     pipeline_seconds: float  # the diffusers pipeline call alone
+    stages: dict[str, float] = field(default_factory=dict)  # model_load, denoise, decode, ...
+
+
+@dataclass
+class BatchItem:
+    """One job of a batch: its parameters, input images and step callback."""
+
+    params: GenerationParams
+    init: Image.Image | None = None
+    mask: Image.Image | None = None
+    on_step: StepCallback | None = None
+
+
+def per_sample_guidance(unet: torch.nn.Module, scales: list[float]):
+    """Classifier-free guidance with a scale per sample, inside diffusers' own pipelines.
+
+    The pipeline computes uncond + g * (text - uncond) with one g: the largest scale. This hook
+    rescales each sample's (text - uncond) by its own scale / g on the UNet's output first, so the
+    result is uncond + scale_i * (text - uncond) for every sample. Returns the hook handle.
+    """
+    ratio = torch.tensor(scales, dtype=torch.float32) / max(scales)
+
+    def hook(_module, _args, _kwargs, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        uncond, text = sample.chunk(2)  # diffusers puts the unconditional half first
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        weights = ratio.to(device=sample.device, dtype=sample.dtype).view(shape)
+        sample = torch.cat([uncond, uncond + weights * (text - uncond)])
+        if isinstance(output, tuple):
+            return (sample, *output[1:])
+        output.sample = sample
+        return output
+
+    return unet.register_forward_hook(hook, with_kwargs=True)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -70,70 +107,179 @@ class ImageEngine:
         mask_image: Image.Image | None,
         on_step: StepCallback | None = None,
     ) -> ImageResult:
+        """One job alone: a batch of one."""
+        [result] = self.generate_batch([BatchItem(p, init_image, mask_image, on_step)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def generate_batch(self, items: list[BatchItem]) -> list[ImageResult | Exception]:
+        """Jobs with the same batch_key in one denoising loop; each keeps its prompts, seeds,
+        guidance and sample count, and gets its own result, or the exception that failed it."""
+        results: list[ImageResult | Exception | None] = [None] * len(items)
         with self._lock:
-            base = self.pipeline(p.model_id)
-            apply_loras(base, p.loras, self.registry)
-            if p.embeddings_model:
-                self._ensure_embedding(base, p.embeddings_model)
-
-            # 1. per-job components: a fresh scheduler (they are stateful) and an optional VAE
-            choice = resolve_scheduler_name(p.scheduler, p.use_karras_sigmas, p.algorithm_type)
-            overrides = {"scheduler": make_scheduler(base.scheduler.config, choice)}
-            if p.vae:
-                path = self.registry.resolve_vae(p.vae)
-                # kept resident like a model, not reloaded for every job that names it
-                overrides["vae"] = self.cache.get(
-                    f"vae:{p.vae}:{p.model_id}",
-                    lambda: self.registry.load_vae(path, base.vae, self.dtype).to(self.device),
-                )
-            pipe = _TASK_PIPELINES[p.kind].from_pipe(base, **overrides)
-            pipe.set_progress_bar_config(disable=True)
-
-            # 2. prompts, with A1111 weighting and no 77-token limit
-            embeds = encode_prompts(
-                pipe, [p.prompt] * p.samples, [p.negative_prompt] * p.samples, p.clip_skip
-            )
-
-            # 3. one generator per sample, so a sample's pixels depend only on its own seed
-            generators = [torch.Generator("cpu").manual_seed(p.seed + i) for i in range(p.samples)]
-
-            kwargs = dict(
-                num_inference_steps=p.steps,
-                guidance_scale=p.guidance_scale,
-                generator=generators,
-                output_type="pil",
-                **embeds,
-            )
-            if p.kind == "text2img":
-                kwargs.update(width=p.width, height=p.height)
-            else:
-                kwargs.update(image=_fit(init_image, p), strength=p.strength)
-            if p.kind == "inpaint":
-                kwargs.update(
-                    mask_image=_fit(mask_image, p).convert("L"), width=p.width, height=p.height
-                )
-
-            # 4. denoise, reporting each step
-            if on_step is not None:
-                kwargs["callback_on_step_end"] = step_reporter(on_step)
-            started = time.perf_counter()
+            # 1. what the jobs share (they asked for the same): a failure here fails them all
             try:
-                images = pipe(**kwargs).images
-            except torch.cuda.OutOfMemoryError:
-                raise
+                pipe, choice, model_load = self._shared_pipeline(items[0].params)
+            except SdserveError as exc:
+                return [exc] * len(items)
             except Exception as exc:
-                raise EngineError(f"Generation failed: {exc}") from exc
-            pipeline_seconds = time.perf_counter() - started
+                return [EngineError(f"Generation failed: {exc}")] * len(items)
 
-        # 5. NSFW check and replacement
-        nsfw = [False] * len(images)
-        if p.safety_checker:
-            nsfw = [self._nsfw.is_nsfw(image) for image in images]
-            images = [
-                replace_nsfw(image, p.safety_checker_type) if flagged else image
-                for image, flagged in zip(images, nsfw, strict=True)
-            ]
-        return ImageResult(images, nsfw, choice.class_name, pipeline_seconds)
+            # 2. each job's prompts (A1111 weighting, no 77-token limit); a bad one fails alone
+            ready: list[tuple[int, dict[str, torch.Tensor]]] = []
+            for index, item in enumerate(items):
+                p = item.params
+                try:
+                    embeds = encode_prompts(
+                        pipe, [p.prompt] * p.samples, [p.negative_prompt] * p.samples, p.clip_skip
+                    )
+                    ready.append((index, embeds))
+                except Exception as exc:
+                    results[index] = EngineError(f"Prompt could not be encoded: {exc}")
+
+            # 3. one loop per group of equal prompt lengths (long prompts make longer embeddings)
+            groups: dict[tuple, list[tuple[int, dict]]] = {}
+            for index, embeds in ready:
+                shape = tuple(tuple(t.shape[1:]) for t in embeds.values())
+                groups.setdefault(shape, []).append((index, embeds))
+            for group in groups.values():
+                self._denoise(pipe, items, group, results, model_load)
+
+        # 4. NSFW check and replacement, per job
+        for index, item in enumerate(items):
+            result = results[index]
+            if isinstance(result, ImageResult) and item.params.safety_checker:
+                checked = time.perf_counter()
+                result.nsfw = [self._nsfw.is_nsfw(image) for image in result.images]
+                result.images = [
+                    replace_nsfw(image, item.params.safety_checker_type) if flagged else image
+                    for image, flagged in zip(result.images, result.nsfw, strict=True)
+                ]
+                result.stages["nsfw"] = time.perf_counter() - checked
+        for result in results:
+            if isinstance(result, ImageResult):
+                result.scheduler = choice.class_name
+        return results
+
+    def _shared_pipeline(self, first: GenerationParams):
+        """The model with the batch's LoRAs and embedding, a fresh scheduler (they are stateful)
+        and the optional VAE; and how long getting the model took."""
+        started = time.perf_counter()
+        base = self.pipeline(first.model_id)
+        apply_loras(base, first.loras, self.registry)
+        if first.embeddings_model:
+            self._ensure_embedding(base, first.embeddings_model)
+        model_load = time.perf_counter() - started
+        choice = resolve_scheduler_name(
+            first.scheduler, first.use_karras_sigmas, first.algorithm_type
+        )
+        overrides = {"scheduler": make_scheduler(base.scheduler.config, choice)}
+        if first.vae:
+            path = self.registry.resolve_vae(first.vae)
+            # kept resident like a model, not reloaded for every job that names it
+            overrides["vae"] = self.cache.get(
+                f"vae:{first.vae}:{first.model_id}",
+                lambda: self.registry.load_vae(path, base.vae, self.dtype).to(self.device),
+            )
+        pipe = _TASK_PIPELINES[first.kind].from_pipe(base, **overrides)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, choice, model_load
+
+    def _denoise(self, pipe, items, group, results, model_load: float) -> None:
+        """Run `group` (indices into items, with their prompt embeddings) as one pipeline call;
+        on running out of GPU memory, free it and run each half on its own."""
+        try:
+            outputs, stages = self._call(pipe, [items[i] for i, _ in group], [e for _, e in group])
+        except torch.cuda.OutOfMemoryError:
+            free_device_memory()
+            if len(group) == 1:
+                results[group[0][0]] = EngineError(
+                    "Out of GPU memory: try a smaller size or fewer samples"
+                )
+                return
+            log.warning("out of memory with a batch of %d jobs: splitting it", len(group))
+            half = len(group) // 2
+            self._denoise(pipe, items, group[:half], results, model_load)
+            self._denoise(pipe, items, group[half:], results, model_load)
+            return
+        except Exception as exc:
+            for index, _ in group:
+                results[index] = EngineError(f"Generation failed: {exc}")
+            return
+        offset = 0
+        for index, _ in group:
+            count = items[index].params.samples
+            arrays = outputs[offset : offset + count]
+            offset += count
+            if not np.isfinite(arrays).all():  # NaN or inf in this job's samples only
+                results[index] = EngineError("Generation failed: the model produced NaN values")
+                continue
+            images = pipe.numpy_to_pil(arrays)
+            timings = {"model_load": model_load, **stages, "batch_size": len(group)}
+            results[index] = ImageResult(
+                images, [False] * len(images), "", stages["denoise"] + stages["decode"], timings
+            )
+
+    def _call(self, pipe, items: list[BatchItem], embeds: list[dict]):
+        """The diffusers call for several jobs: samples concatenated, guidance per sample."""
+        first = items[0].params
+        generators = [
+            torch.Generator("cpu").manual_seed(item.params.seed + i)
+            for item in items
+            for i in range(item.params.samples)
+        ]
+        kwargs: dict = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
+        scales = [item.params.guidance_scale for item in items for _ in range(item.params.samples)]
+        kwargs.update(
+            num_inference_steps=first.steps,
+            guidance_scale=max(scales),
+            generator=generators,
+            output_type="np",
+        )
+        if first.kind == "text2img":
+            kwargs.update(width=first.width, height=first.height)
+        else:
+            kwargs.update(
+                image=[
+                    _fit(item.init, item.params)
+                    for item in items
+                    for _ in range(item.params.samples)
+                ],
+                strength=first.strength,
+            )
+        if first.kind == "inpaint":
+            kwargs.update(
+                mask_image=[
+                    _fit(item.mask, item.params).convert("L")
+                    for item in items
+                    for _ in range(item.params.samples)
+                ],
+                width=first.width,
+                height=first.height,
+            )
+        marks: list[float] = []
+        reporters = [step_reporter(item.on_step) for item in items]
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            marks.append(time.perf_counter())  # the last one is where decoding starts
+            for report in reporters:
+                report(pipe, step_index, timestep, callback_kwargs)
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = on_step_end
+        hook = None
+        if len(set(scales)) > 1 and max(scales) > 1:
+            hook = per_sample_guidance(pipe.unet, scales)
+        started = time.perf_counter()
+        try:
+            images = pipe(**kwargs).images
+        finally:
+            if hook is not None:
+                hook.remove()
+        ended = time.perf_counter()
+        denoised = marks[-1] if marks else ended
+        return images, {"denoise": denoised - started, "decode": ended - denoised}
 
     def _ensure_embedding(self, pipe: DiffusionPipeline, embedding_id: str) -> None:
         done = pipe.__dict__.setdefault("_sdserve_embeddings", set())

@@ -30,6 +30,7 @@ from sdserve.errors import EngineError, ModelUnavailable
 from sdserve.jobs.catalogue import CatalogueEntry, ModelCatalogue, new_entry
 from sdserve.net import BlockedUrl, guard_hooks
 from sdserve.settings import Settings
+from sdserve.storage.router import StorageRouter
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -105,10 +106,12 @@ class ModelImporter:
             progress(1, 1)
         if location.is_file():
             size = location.stat().st_size
+        if owned and self.registry.storage is not None:  # for workers on other hosts
+            self.registry.storage.publish_model_files(location)
         entry = new_entry(
             model_id=spec.model_id,
             category=category,
-            location=str(location),
+            location=_relative(location, self.settings),
             config_model_id=spec.config_model_id if location.is_file() else None,
             url=spec.source,
             sha256=sha256,
@@ -122,10 +125,10 @@ class ModelImporter:
             previous = self.catalogue.register(entry, replace=spec.replace)
         except BaseException:
             if owned:
-                _remove(location)
+                remove_files(entry, self.settings, self.registry.storage)
             raise
         if previous is not None and previous.owned and previous.location != entry.location:
-            remove_files(previous, self.settings)
+            remove_files(previous, self.settings, self.registry.storage)
         return entry
 
     def _target(self, category: str, model_id: str, sha256: str, suffix: str) -> Path:
@@ -191,17 +194,30 @@ def offline_message(repo: str) -> str:
     )
 
 
-def remove_files(entry: CatalogueEntry, settings: Settings) -> None:
-    """Delete an entry's files, but only files sdserve made, inside its data dir."""
+def remove_files(
+    entry: CatalogueEntry, settings: Settings, storage: StorageRouter | None = None
+) -> None:
+    """Delete an entry's files (here and in the bucket), but only files sdserve made."""
     if not entry.owned:
         return
-    path = Path(entry.location).resolve()
+    path = Path(entry.location)
+    path = (path if path.is_absolute() else settings.data_dir / path).resolve()
     if settings.data_dir.resolve() not in path.parents:
         return
+    if storage is not None:
+        storage.delete_model_files(path)
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _relative(path: Path, settings: Settings) -> str:
+    """Locations under the data dir are stored relative to it: each host has its own data dir."""
+    try:
+        return path.resolve().relative_to(settings.data_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 # ---- downloading -----------------------------------------------------------------------------

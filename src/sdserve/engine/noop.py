@@ -11,7 +11,7 @@ import time
 import torch
 from PIL import Image
 
-from sdserve.engine.images import ImageEngine, ImageResult, StepCallback
+from sdserve.engine.images import BatchItem, ImageEngine, ImageResult, StepCallback
 from sdserve.engine.registry import ModelRegistry, ResidencyCache
 from sdserve.schemas.images import GenerationParams
 from sdserve.settings import Settings
@@ -44,6 +44,12 @@ class NoopEngine:
             Image.new("RGB", (p.width, p.height), _color(p.seed + i)) for i in range(p.samples)
         ]
         return ImageResult(images, [False] * len(images), "noop", time.perf_counter() - started)
+
+    def generate_batch(self, items: list[BatchItem]) -> list[ImageResult]:
+        results = [self.generate(i.params, i.init, i.mask, i.on_step) for i in items]
+        for result in results:
+            result.stages = {"denoise": result.pipeline_seconds, "batch_size": len(items)}
+        return results
 
 
 def _color(seed: int) -> tuple[int, int, int]:

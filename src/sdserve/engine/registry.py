@@ -25,6 +25,7 @@ from sdserve.engine import tiny
 from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
 from sdserve.jobs.catalogue import ModelCatalogue
 from sdserve.settings import Settings
+from sdserve.storage.router import StorageRouter
 
 # Public ids of the hosted API's catalogue that map to well-known hub repos.
 HUB_CATALOGUE = {
@@ -83,10 +84,37 @@ def safe_id(value: str, what: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, catalogue: ModelCatalogue | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        catalogue: ModelCatalogue | None = None,
+        storage: StorageRouter | None = None,
+    ):
         self.settings = settings
         self.data_dir = settings.data_dir
         self.catalogue = catalogue
+        # Model files of the data dir are also kept in the bucket, when there is one, for workers
+        # on other hosts: the API only checks they exist, a worker (fetch_missing) downloads them.
+        self.storage = storage
+        self.fetch_missing = False
+
+    def entry_path(self, location: str) -> Path:
+        """A catalogue location: relative ones are under this host's data dir."""
+        path = Path(location)
+        return path if path.is_absolute() else self.data_dir / path
+
+    def fetch_missing_file(self, path: Path) -> bool:
+        """A model file here, from the bucket if need be (to serve it to another server)."""
+        if not path.is_file() and self.storage is not None:
+            self.storage.fetch_model_files(path)
+        return path.is_file()
+
+    def _available(self, path: Path) -> bool:
+        if path.exists() or self.storage is None:
+            return path.exists()
+        if self.fetch_missing:
+            return self.storage.fetch_model_files(path)
+        return self.storage.has_model_files(path)
 
     # ---- resolution (cheap, done at submit time) -------------------------------------------
 
@@ -109,19 +137,22 @@ class ModelRegistry:
                     {"model_id": [f"{model_id} is a {label} model, not a base model"]}
                 )
             config = imported.config_model_id
+            path = self.entry_path(imported.location)
+            self._available(path)
             return self._source_from_entry(
-                model_id,
-                {"source": imported.location, "config": config and self.config_folder(config)},
+                model_id, {"source": str(path), "config": config and self.config_folder(config)}
             )
         entry = self._user_catalogue().get(model_id)
         if entry is not None:
             return self._source_from_entry(model_id, entry)
         folder = self.settings.models_dir / model_id
-        if (folder / "model_index.json").exists():
+        if (folder / "model_index.json").exists() or (
+            not folder.exists() and self._available(folder)
+        ):
             return ModelSource(model_id, "folder", str(folder))
         for suffix in _CHECKPOINT_SUFFIXES:
             file = self.settings.models_dir / f"{model_id}{suffix}"
-            if file.is_file():
+            if file.is_file() or self._available(file):
                 return ModelSource(model_id, "file", str(file))
         if model_id in HUB_CATALOGUE:
             return ModelSource(model_id, "hub", HUB_CATALOGUE[model_id])
@@ -140,7 +171,7 @@ class ModelRegistry:
 
     def check_available(self, source: ModelSource) -> None:
         """Raise ModelUnavailable now, at submit, for a model whose weights cannot be had."""
-        if source.kind in ("folder", "file") and not Path(source.location).exists():
+        if source.kind in ("folder", "file") and not self._available(Path(source.location)):
             raise ModelUnavailable(
                 f"Model {source.model_id} points to {source.location}, which does not exist"
             )
@@ -258,12 +289,14 @@ class ModelRegistry:
         safe_id(asset_id, field)
         imported = self.catalogue.get(asset_id) if self.catalogue else None
         if imported is not None and imported.category == category:
-            return Path(imported.location)
+            path = self.entry_path(imported.location)
+            self._available(path)
+            return path
         base = self.data_dir / folder
         if folders and (base / asset_id / "config.json").exists():
             return base / asset_id
         for suffix in suffixes:
-            if (base / f"{asset_id}{suffix}").is_file():
+            if self._available(base / f"{asset_id}{suffix}"):
                 return base / f"{asset_id}{suffix}"
         if (base / asset_id).is_dir():
             for suffix in suffixes:
@@ -342,7 +375,7 @@ class ResidencyCache:
                 len(self._items) > 1 and sum(s for _, s in self._items.values()) > self.budget_bytes
             ):
                 self._items.popitem(last=False)
-        _free_device_memory()
+        free_device_memory()
         return pipe
 
     def loaded(self) -> list[str]:
@@ -352,7 +385,7 @@ class ResidencyCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-        _free_device_memory()
+        free_device_memory()
 
     def evict(self, model_id: str) -> None:
         """Drop a model and everything loaded for it (its VAEs, its video pipelines)."""
@@ -360,7 +393,7 @@ class ResidencyCache:
             for key in list(self._items):
                 if key.split("+")[0] == model_id or model_id in key.split(":"):
                     del self._items[key]
-        _free_device_memory()
+        free_device_memory()
 
 
 def _pipeline_bytes(pipe: DiffusionPipeline | torch.nn.Module) -> int:
@@ -372,7 +405,7 @@ def _pipeline_bytes(pipe: DiffusionPipeline | torch.nn.Module) -> int:
     return total
 
 
-def _free_device_memory() -> None:
+def free_device_memory() -> None:
     import gc
 
     gc.collect()

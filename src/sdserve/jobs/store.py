@@ -365,12 +365,16 @@ class JobStore:
         lease_seconds: float,
         resident: list[str] | None = None,
         prefer_window: float = 2.0,
+        max_cost: float | None = None,
+        batch_key: str | None = None,
     ) -> list[JobView]:
         """Lease the oldest claimable job and up to `max_size - 1` more with the same batch_key.
 
         Claimable: queued, or processing under an expired lease (its worker died). A worker
         passes the models it has `resident`: jobs for those come first, unless an older job has
         waited longer than `prefer_window` seconds (no job starves behind a busy model).
+        The batch stops before its summed cost passes `max_cost` (its first job always goes).
+        With `batch_key`, only jobs of that key are claimed (to grow a batch in hand).
         """
         now = time.time()
         claimable = (Job.status == "queued") | (
@@ -380,6 +384,8 @@ class JobStore:
         if resident:
             warm = Job.model_id.in_(resident) | (Job.created_at < now - prefer_window)
             order = [case((warm, 0), else_=1), Job.id]
+        if batch_key is not None:
+            claimable = claimable & (Job.batch_key == batch_key)
         with self.session(write=True) as s:
             first = s.scalars(
                 select(Job)
@@ -399,6 +405,14 @@ class JobStore:
                     .with_for_update(skip_locked=True)
                 )
             )
+            if max_cost is not None:
+                total, kept = 0.0, []
+                for job in jobs:
+                    total += job.cost
+                    if kept and total > max_cost:
+                        break
+                    kept.append(job)
+                jobs = kept  # the rest stay locked only until this transaction ends
             for job in jobs:
                 job.status = "processing"
                 job.lease_owner = worker_id

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from sdserve.engine.images import ImageEngine
+from sdserve.engine.images import BatchItem, ImageEngine, ImageResult
 from sdserve.engine.imports import ImportSpec, ModelImporter
 from sdserve.engine.training import Trainer, TrainingCancelled, TrainingHooks
 from sdserve.engine.video import VideoEngine
@@ -35,6 +35,7 @@ _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
 _MAINTENANCE_INTERVAL = 30.0
 _ADVERTISE_INTERVAL = 5.0
 _BROADCAST_INTERVAL = 0.5
+IMAGE_KINDS = ("text2img", "img2img", "inpaint")
 VIDEO_KINDS = ("animatediff", "t2v", "svd")
 TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
 _SANDBOX_STAGES = (
@@ -64,6 +65,7 @@ class Worker:
         self.video = VideoEngine(engine)
         self.trainer = Trainer(settings, engine.registry, engine.device)
         self.importer = ModelImporter(settings, engine.registry)
+        engine.registry.fetch_missing = True  # model files made on other hosts come from the bucket
         self.storage = storage
         self.bus = bus
         self.control = ControlChannel(store)
@@ -168,14 +170,30 @@ class Worker:
         of the batch goes back to the queue at once instead of waiting out its lease.
         """
         self._maintenance()
+        settings = self.settings
         batch = self.store.claim_batch(
             self.worker_id,
-            self.settings.max_batch_size,
-            self.settings.lease_seconds,
+            settings.max_batch_size,
+            settings.lease_seconds,
             resident=self.engine.cache.loaded(),
+            max_cost=settings.max_batch_cost,
         )
         if not batch:
             return 0
+        if batch[0].kind in IMAGE_KINDS and settings.batch_window_ms > 0:
+            # Give compatible jobs arriving right now the chance to share the loop.
+            time.sleep(settings.batch_window_ms / 1000)
+            batch += (
+                self.store.claim_batch(
+                    self.worker_id,
+                    settings.max_batch_size - len(batch),
+                    settings.lease_seconds,
+                    max_cost=settings.max_batch_cost - sum(job.cost for job in batch),
+                    batch_key=batch[0].batch_key,
+                )
+                if len(batch) < settings.max_batch_size
+                else []
+            )
         self._busy = True
         self._current = [job.id for job in batch]
         stop_heartbeat = threading.Event()
@@ -184,11 +202,14 @@ class Worker:
         )
         heartbeat.start()
         try:
-            for index, job in enumerate(batch):  # one at a time for now; the claim is batch-shaped
-                if stop is not None and stop.is_set():
-                    self.store.requeue([j.id for j in batch[index:]], self.worker_id)
-                    break
-                self._run_job(job)
+            if batch[0].kind in IMAGE_KINDS:  # the whole batch in one denoising loop
+                self._run_image_batch(batch)
+            else:
+                for index, job in enumerate(batch):
+                    if stop is not None and stop.is_set():
+                        self.store.requeue([j.id for j in batch[index:]], self.worker_id)
+                        break
+                    self._run_job(job)
         finally:
             stop_heartbeat.set()
             heartbeat.join()
@@ -214,19 +235,25 @@ class Worker:
         self.storage.delete_older_than("temp", self.settings.temp_ttl_hours * 3600)
 
     def _run_job(self, job: JobView) -> None:
+        if job.kind == "model_reload":
+            self._settle(job, lambda: self._run_reload_job(job))
+        elif job.kind == "model_load":
+            self._settle(job, lambda: self._run_import_job(job))
+        elif job.kind in VIDEO_KINDS:
+            self._settle(job, lambda: self._run_video_job(job))
+        else:
+            self._settle(job, lambda: self._run_training_job(job))
+
+    def _run_reload_job(self, job: JobView) -> dict:
+        self.engine.pipeline(job.model_id)
+        return {"output_keys": [], "meta": {"model_id": job.model_id}}
+
+    def _settle(self, job: JobView, work: Callable[[], dict], seconds: float = 0.0) -> None:
+        """Run `work` and record how the job ended: its result, or its error. `seconds` is time
+        spent on the job before (a batch's shared denoising loop)."""
         started = time.perf_counter()
         try:
-            if job.kind == "model_reload":
-                self.engine.pipeline(job.model_id)
-                result = {"output_keys": [], "meta": {"model_id": job.model_id}}
-            elif job.kind == "model_load":
-                result = self._run_import_job(job)
-            elif job.kind in VIDEO_KINDS:
-                result = self._run_video_job(job)
-            elif job.kind in TRAINING_KINDS:
-                result = self._run_training_job(job)
-            else:
-                result = self._run_image_job(job)
+            result = work()
         except StoreUnavailable as exc:
             # The database went away mid-job: its lease runs out and it runs again.
             log.warning("job %s interrupted: %s", job.id, exc.message)
@@ -239,7 +266,7 @@ class Worker:
             message = f"Internal error: {type(exc).__name__}: {exc}"
             self._finish(self.store.fail, job.id, self.worker_id, message)
         else:
-            elapsed = time.perf_counter() - started
+            elapsed = seconds + time.perf_counter() - started
             self._finish(self.store.complete, job.id, self.worker_id, result, elapsed)
         self._publish(job.id)
 
@@ -259,23 +286,63 @@ class Worker:
                 log.warning("job store unavailable; retrying the result of job %s", args[0])
                 time.sleep(1.0)
 
-    def _run_image_job(self, job: JobView) -> dict:
-        params = GenerationParams.model_validate(job.params)
-        inputs = job.params.get("input_keys", {})
-        init = self._input_image(inputs.get("init_image"))
-        mask = self._input_image(inputs.get("mask_image"))
+    def _run_image_batch(self, jobs: list[JobView]) -> None:
+        """Compatible image jobs through one denoising loop; each job ends on its own."""
+        items, runnable = [], []
+        for job in jobs:
+            try:
+                inputs = job.params.get("input_keys", {})
+                items.append(
+                    BatchItem(
+                        GenerationParams.model_validate(job.params),
+                        self._input_image(inputs.get("init_image")),
+                        self._input_image(inputs.get("mask_image")),
+                        self._progress(job),
+                    )
+                )
+                runnable.append(job)
+            except Exception as exc:  # an unreadable input fails its own job only
+
+                def fail(exc: Exception = exc) -> dict:
+                    raise exc
+
+                self._settle(job, fail)
+        try:
+            outcomes = self.engine.generate_batch(items) if items else []
+        except Exception as exc:  # the engine failed outside any one job: fail them all clearly
+            log.exception("batch of %d jobs failed", len(items))
+            error = (
+                exc if isinstance(exc, SdserveError) else EngineError(f"Generation failed: {exc}")
+            )
+            outcomes = [error] * len(items)
+        for job, item, outcome in zip(runnable, items, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+
+                def fail(exc: Exception = outcome) -> dict:
+                    raise exc
+
+                self._settle(job, fail)
+            else:
+                self._settle(
+                    job,
+                    lambda job=job, item=item, outcome=outcome: self._store_images(
+                        job, item.params, outcome
+                    ),
+                    seconds=outcome.pipeline_seconds,
+                )
+
+    def _store_images(self, job: JobView, params: GenerationParams, outcome: ImageResult) -> dict:
         started = time.perf_counter()
-        outcome = self.engine.generate(params, init, mask, self._progress(job))
         keys = job.params["output_keys"][: len(outcome.images)]
         for key, image in zip(keys, outcome.images, strict=True):
             png = encode_png(image)
             self.storage.put(key, base64.b64encode(png) if params.base64 else png)
-        meta = dict(job.params.get("meta", {}))
+        stages = {**outcome.stages, "upload": time.perf_counter() - started}
         return {
             "output_keys": keys,  # URLs are made at answer time, from the API's public URL
-            "meta": meta,
+            "meta": dict(job.params.get("meta", {})),
             "nsfw_content_detected": any(outcome.nsfw),
-            "timings": _timings(job, outcome.pipeline_seconds, started),
+            "timings": _timings(job, stages),
         }
 
     def _run_video_job(self, job: JobView) -> dict:
@@ -296,7 +363,10 @@ class Worker:
         return {
             "output_keys": [key],
             "meta": dict(job.params.get("meta", {})),
-            "timings": _timings(job, outcome.pipeline_seconds, started),
+            "timings": _timings(
+                job,
+                {"pipeline": outcome.pipeline_seconds, "worker": time.perf_counter() - started},
+            ),
         }
 
     def _run_import_job(self, job: JobView) -> dict:
@@ -337,6 +407,12 @@ class Worker:
                 hooks = TrainingHooks(stage=stage, step=self._progress(job), cancelled=cancelled)
                 workdir = self.settings.data_dir / "training" / training_id
                 self.trainer.train(params, images, workdir, hooks)
+                for made in (
+                    self.settings.data_dir / "loras" / f"{training_id}.safetensors",
+                    self.settings.models_dir / training_id,
+                ):
+                    if made.exists():  # for workers on other hosts
+                        self.storage.publish_model_files(made)
         except TrainingCancelled:
             stage("training_cancelled", "stopped on request")
             raise EngineError("Training cancelled") from None
@@ -377,10 +453,8 @@ class Worker:
             self.bus.publish(job_id)
 
 
-def _timings(job: JobView, pipeline_seconds: float, started: float) -> dict[str, float]:
-    """Where a job's time went, in seconds (shown in fetch as `timings`)."""
-    return {
-        "queue_wait": round((job.started_at or job.created_at) - job.created_at, 4),
-        "pipeline": round(pipeline_seconds, 4),
-        "worker": round(time.perf_counter() - started, 4),
-    }
+def _timings(job: JobView, stages: dict[str, float]) -> dict[str, float]:
+    """Where a job's time went, in seconds, and the size of the batch it ran in (fetch shows it
+    as `timings`; the metrics export it)."""
+    queue_wait = (job.started_at or job.created_at) - job.created_at
+    return {"queue_wait": round(queue_wait, 4)} | {k: round(v, 4) for k, v in stages.items()}

@@ -121,6 +121,12 @@ class GenerationParams(BaseModel):
                     self.scheduler,
                     self.use_karras_sigmas,
                     self.algorithm_type,
+                    # the same adapters, VAE and embeddings; guidance on or off; img2img strength
+                    ",".join(f"{name}:{weight:g}" for name, weight in sorted(self.loras)),
+                    self.vae,
+                    self.embeddings_model,
+                    self.guidance_scale > 1,
+                    self.strength if self.kind != "text2img" else "",
                 ),
             )
         )

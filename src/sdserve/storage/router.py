@@ -7,9 +7,12 @@ jobs to the bucket while every older output keeps working where it was written.
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdserve.jobs.db import ServerConfig
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from sdserve.storage.s3 import S3Config, S3Storage
 
 S3_PREFIX = "s3:"
+MODELS_PREFIX = "models/"  # model files in the bucket, by their path under the data dir
 _CONFIG_ROW = "s3"
 
 
@@ -141,6 +145,65 @@ class StorageRouter:
     def path(self, key: str):
         """The local file of a local key (for the API to serve)."""
         return self.local.path(key)
+
+    # ---- model files, for workers on other hosts ---------------------------------------------
+
+    def _model_key(self, path: Path) -> str | None:
+        data_dir = self.settings.data_dir.resolve()
+        try:
+            return MODELS_PREFIX + path.resolve().relative_to(data_dir).as_posix()
+        except ValueError:  # outside the data dir (a hub cache, a user's folder): not shared
+            return None
+
+    def _model_objects(self, path: Path) -> tuple[S3Storage | None, str | None, list[str]]:
+        with self._lock:
+            s3 = self._s3
+        key = self._model_key(path)
+        if s3 is None or key is None:
+            return None, None, []
+        return s3, key, [k for k in s3.list(key) if k == key or k.startswith(key + "/")]
+
+    def publish_model_files(self, path: Path) -> None:
+        """Copy a model file or folder of the data dir to the bucket (no-op without one)."""
+        with self._lock:
+            s3 = self._s3
+        key = self._model_key(path)
+        if s3 is None or key is None:
+            return
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            s3.upload_file(self._model_key(file), file)
+
+    def has_model_files(self, path: Path) -> bool:
+        return path.exists() or bool(self._model_objects(path)[2])
+
+    def fetch_model_files(self, path: Path) -> bool:
+        """Bring a model file or folder that is in the bucket but not here; True if here now."""
+        if path.exists():
+            return True
+        s3, key, objects = self._model_objects(path)
+        if not objects:
+            return False
+        # Into a temp sibling, then one rename: the file or folder appears whole or not at all.
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}-{threading.get_ident()}")
+        try:
+            for name in objects:
+                target = partial / name[len(key) + 1 :] if name != key else partial
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(name, target)
+            if not path.exists():
+                os.replace(partial, path)
+        finally:
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+        return path.exists()
+
+    def delete_model_files(self, path: Path) -> None:
+        s3, _key, objects = self._model_objects(path)
+        for name in objects:
+            s3.delete(name)
 
     def delete_older_than(self, folder: str, max_age_seconds: float) -> int:
         removed = self.local.delete_older_than(folder, max_age_seconds)

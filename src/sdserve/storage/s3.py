@@ -5,10 +5,11 @@ from __future__ import annotations
 import mimetypes
 import time
 from dataclasses import asdict, dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import boto3
 import botocore.config
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sdserve.errors import S3Unavailable
@@ -128,6 +129,34 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("cleanup", exc) from None
         return removed
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys (without the storage prefix) of the objects whose key starts with `prefix`."""
+        base = self._object(prefix)
+        strip = len(self._object(prefix)) - len(prefix)
+        found = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.config.bucket, Prefix=base
+            )
+            for page in pages:
+                found += [item["Key"][strip:] for item in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("list", exc) from None
+        return found
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """A large file, in parts (boto3's managed transfer), without reading it into memory."""
+        try:
+            self._client.upload_file(str(path), self.config.bucket, self._object(key))
+        except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
+            raise self._fail("upload", exc) from None
+
+    def download_file(self, key: str, path: Path) -> None:
+        try:
+            self._client.download_file(self.config.bucket, self._object(key), str(path))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("download", exc) from None
 
     def url(self, key: str) -> str:
         name = self._object(key)

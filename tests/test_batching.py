@@ -1,0 +1,192 @@
+"""Cross-request batching: jobs that share a denoising loop get the pixels they would get alone,
+each with its own prompts, seeds, samples and guidance, and one job's failure stays its own."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import ADMIN_KEY, ServerProcess, decode_png, png_bytes
+from PIL import Image
+
+from sdserve.engine.images import BatchItem, ImageEngine, ImageResult
+from sdserve.engine.registry import ModelRegistry
+from sdserve.errors import EngineError
+from sdserve.schemas.images import normalize_image_request, parse_image_request
+from sdserve.settings import Settings
+
+RED = Image.open(__import__("io").BytesIO(png_bytes((64, 64), (200, 40, 40))))
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.set_num_threads(1)  # the same kernels for every batch size: pixels comparable
+    settings = Settings(data_dir=tmp_path_factory.mktemp("batching"))
+    return ImageEngine(settings, ModelRegistry(settings))
+
+
+def item(engine, kind="text2img", **change) -> BatchItem:
+    body = {
+        "prompt": "a red fox",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 4,
+        "safety_checker": "no",
+        "enhance_prompt": "no",
+        "seed": 1,
+        "init_image": "given as an image below",
+        "mask_image": "given as an image below",
+        **change,
+    }
+    params = normalize_image_request(
+        parse_image_request(body), kind, "community", engine.settings, model_id="tiny-sd"
+    )
+    return BatchItem(
+        params, RED if kind != "text2img" else None, RED.convert("L") if kind == "inpaint" else None
+    )
+
+
+def pixels(result: ImageResult) -> list[np.ndarray]:
+    assert isinstance(result, ImageResult), result
+    return [np.asarray(image, dtype=np.int16) for image in result.images]
+
+
+def assert_same(batched: ImageResult, alone: ImageResult) -> None:
+    for a, b in zip(pixels(batched), pixels(alone), strict=True):
+        assert np.abs(a - b).max() <= 1  # within 1/255
+
+
+JOBS = [
+    {"prompt": "a red fox", "seed": 1, "guidance_scale": 7},
+    {"prompt": "a blue whale, ((ocean))", "seed": 22, "guidance_scale": 3, "samples": 2},
+    {"prompt": "a castle", "negative_prompt": "fog", "seed": 5, "guidance_scale": 5},
+]
+
+
+@pytest.mark.parametrize("kind", ["text2img", "img2img", "inpaint"])
+def test_batched_jobs_match_jobs_run_alone(engine, kind):
+    items = [item(engine, kind, **job) for job in JOBS]
+    assert len({i.params.batch_key for i in items}) == 1
+    batched = engine.generate_batch(items)
+    for one, result in zip(items, batched, strict=True):
+        assert result.stages["batch_size"] == 3
+        assert_same(result, engine.generate_batch([one])[0])
+    assert len(batched[1].images) == 2
+
+
+def test_guidance_is_applied_per_sample(engine):
+    weak, strong = item(engine, guidance_scale=2), item(engine, guidance_scale=9)
+    batched = engine.generate_batch([weak, strong])
+    alone = [engine.generate_batch([weak])[0], engine.generate_batch([strong])[0]]
+    assert_same(batched[0], alone[0])
+    assert_same(batched[1], alone[1])
+    assert np.abs(pixels(alone[0])[0] - pixels(alone[1])[0]).max() > 10
+
+
+def test_a_failing_job_leaves_the_others_intact(engine, monkeypatch):
+    from sdserve.engine import images
+
+    original = images.encode_prompts
+
+    def encode(pipe, prompts, negatives, clip_skip):
+        if "boom" in prompts[0]:
+            raise ValueError("cannot encode this")
+        return original(pipe, prompts, negatives, clip_skip)
+
+    monkeypatch.setattr(images, "encode_prompts", encode)
+    good, bad = item(engine, seed=3), item(engine, prompt="boom", seed=4)
+    results = engine.generate_batch([good, bad])
+    assert isinstance(results[1], EngineError) and "cannot encode" in results[1].message
+    assert_same(results[0], engine.generate_batch([good])[0])
+
+
+def test_nan_in_one_job_fails_only_that_job(engine):
+    vae = engine.pipeline("tiny-sd").vae
+
+    def poison(_module, _args, output):
+        output[1:2] = float("nan")  # the second job's sample
+        return output
+
+    handle = vae.decoder.register_forward_hook(poison)
+    try:
+        first, second, third = (item(engine, seed=s) for s in (7, 8, 9))
+        results = engine.generate_batch([first, second, third])
+    finally:
+        handle.remove()
+    assert isinstance(results[1], EngineError) and "NaN" in results[1].message
+    assert_same(results[0], engine.generate_batch([first])[0])
+    assert_same(results[2], engine.generate_batch([third])[0])
+
+
+def test_out_of_memory_splits_the_batch_and_retries(engine, monkeypatch):
+    sizes = []
+    original = ImageEngine._call
+
+    def call(self, pipe, items, embeds):
+        sizes.append(len(items))
+        if len(items) > 1:  # what a GPU does with a batch too big for its memory
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, pipe, items, embeds)
+
+    monkeypatch.setattr(ImageEngine, "_call", call)
+    items = [item(engine, seed=s) for s in (11, 12, 13)]
+    results = engine.generate_batch(items)
+    assert sizes == [3, 1, 2, 1, 1]
+    monkeypatch.setattr(ImageEngine, "_call", original)
+    for one, result in zip(items, results, strict=True):
+        assert_same(result, engine.generate_batch([one])[0])
+
+
+def test_the_server_batches_concurrent_compatible_jobs(tmp_path):
+    server = ServerProcess(tmp_path / "batching", SDSERVE_BATCH_WINDOW_MS="1500").start()
+    body = {
+        "key": ADMIN_KEY,
+        "model_id": "tiny-sd",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 3,
+        "safety_checker": "no",
+        "enhance_prompt": "no",
+    }
+    try:
+        server.post("/api/v4/dreambooth", {**body, "prompt": "warm up"})
+        answers = {}
+
+        def submit(name, **change):
+            answers[name] = server.post("/api/v4/dreambooth", {**body, **change}).json()
+
+        threads = [
+            threading.Thread(target=submit, args=("a",), kwargs={"prompt": "a fox", "seed": 1}),
+            threading.Thread(
+                target=submit,
+                args=("b",),
+                kwargs={"prompt": "a cat", "seed": 2, "guidance_scale": 3},
+            ),
+            threading.Thread(
+                target=submit, args=("c",), kwargs={"prompt": "a dog", "seed": 3, "width": 128}
+            ),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        timings = {name: answer["timings"] for name, answer in answers.items()}
+        assert timings["a"]["batch_size"] == timings["b"]["batch_size"] == 2
+        assert timings["c"]["batch_size"] == 1  # another size: not compatible
+        assert {"queue_wait", "model_load", "denoise", "decode", "upload"} <= set(timings["a"])
+        alone = server.post(
+            "/api/v4/dreambooth", {**body, "prompt": "a cat", "seed": 2, "guidance_scale": 3}
+        ).json()
+        assert alone["timings"]["batch_size"] == 1
+        diff = np.abs(
+            np.asarray(decode_png(answers["b"]["output"][0]), dtype=int)
+            - np.asarray(decode_png(alone["output"][0]), dtype=int)
+        )
+        assert diff.max() <= 1
+        metrics = __import__("httpx").get(server.url + "/metrics").text
+        assert 'sdserve_stage_seconds_count{stage="denoise"}' in metrics
+        assert "sdserve_batch_size_sum" in metrics
+    finally:
+        server.stop()
