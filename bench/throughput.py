@@ -37,7 +37,7 @@ def _shapes(args) -> dict:
 def plain_diffusers(model: Path, args, device: str) -> tuple[list[float], float]:
     """One image at a time, as servers without batching run; (latencies, FLOPs per image)."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     shapes = _shapes(args)
 

@@ -4,6 +4,7 @@ each with its own prompts, seeds, samples and guidance, and one job's failure st
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -188,5 +189,22 @@ def test_the_server_batches_concurrent_compatible_jobs(tmp_path):
         metrics = __import__("httpx").get(server.url + "/metrics").text
         assert 'sdserve_stage_seconds_count{stage="denoise"}' in metrics
         assert "sdserve_batch_size_sum" in metrics
+    finally:
+        server.stop()
+
+
+def test_warm_up_buckets_load_the_model_before_any_request(tmp_path):
+    server = ServerProcess(
+        tmp_path / "warm", SDSERVE_WARMUP_BUCKETS="tiny-sd:64x64:2:2, not-a-bucket"
+    ).start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            details = server.post("/api/v1/enterprise/system_details", {"key": ADMIN_KEY}).json()
+            if "tiny-sd" in details["loaded_models"]:
+                break
+            time.sleep(0.2)
+        assert details["loaded_models"] == ["tiny-sd"]
+        assert "warm-up of not-a-bucket failed" in server.log.read_text()
     finally:
         server.stop()

@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     offline: bool = False  # also implied by HF_HUB_OFFLINE=1
     residency_budget_mb: int = 12_000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # GPU execution (ignored on CPU)
+    gpu_dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: bf16 where supported
+    channels_last: bool = True
+    compile_unet: bool = False  # torch.compile per (size, batch) bucket, cached in the data dir
+    lora_hotswap_rank: int = 64  # largest LoRA rank that swaps into a compiled UNet
+    vae_tile_above_pixels: int = 1024 * 1024  # larger images are decoded in tiles
+    # Buckets to run once at start, so no user waits for a compile or a load:
+    # "model_id:WIDTHxHEIGHT:steps:batch,..." e.g. "sd-1.5:512x512:30:8"
+    warmup_buckets: str = ""
     # `noop` runs no model (flat images after noop_seconds): queue benchmarks and fault tests
     engine: Literal["diffusers", "noop"] = "diffusers"
     noop_seconds: float = 0.0

@@ -18,12 +18,13 @@ from diffusers import (
 )
 from PIL import Image
 
+from sdserve.engine import acceleration
 from sdserve.engine.prompts import encode_prompts
 from sdserve.engine.registry import ModelRegistry, ResidencyCache, free_device_memory
 from sdserve.engine.safety import NsfwChecker, replace_nsfw
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
 from sdserve.errors import EngineError, SdserveError
-from sdserve.schemas.images import GenerationParams
+from sdserve.schemas.images import GenerationParams, normalize_image_request, parse_image_request
 from sdserve.settings import Settings
 
 _TASK_PIPELINES = {
@@ -91,14 +92,49 @@ class ImageEngine:
         self.settings = settings
         self.registry = registry
         self.device = pick_device(settings.device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = acceleration.pick_dtype(self.device, settings.gpu_dtype)
+        acceleration.configure_compile_cache(settings)
         self.cache = ResidencyCache(settings.residency_budget_mb * 1024 * 1024)
         self._nsfw = NsfwChecker(settings.nsfw_threshold)
         self._lock = threading.Lock()
 
     def pipeline(self, model_id: str) -> DiffusionPipeline:
         source = self.registry.resolve(model_id)
-        return self.cache.get(model_id, lambda: self.registry.load(source, self.device, self.dtype))
+
+        def load() -> DiffusionPipeline:
+            pipe = self.registry.load(source, self.device, self.dtype)
+            acceleration.prepare(pipe, self.device, self.settings)
+            return pipe
+
+        return self.cache.get(model_id, load)
+
+    def warm_up(self) -> None:
+        """Run the configured buckets once (loads, compiles, CUDA graphs) before serving."""
+        for bucket in filter(None, (b.strip() for b in self.settings.warmup_buckets.split(","))):
+            try:
+                model_id, size, steps, batch = bucket.split(":")
+                width, height = (int(v) for v in size.lower().split("x"))
+                body = {
+                    "prompt": "warm-up",
+                    "width": width,
+                    "height": height,
+                    "num_inference_steps": int(steps),
+                    "samples": int(batch),
+                    "enhance_prompt": "no",
+                    "safety_checker": "no",
+                }
+                params = normalize_image_request(
+                    parse_image_request(body),
+                    "text2img",
+                    "community",
+                    self.settings,
+                    model_id=model_id,
+                )
+                started = time.perf_counter()
+                self.generate(params, None, None)
+                log.info("warmed up %s in %.1f s", bucket, time.perf_counter() - started)
+            except Exception:
+                log.exception("warm-up of %s failed", bucket)
 
     def generate(
         self,
@@ -184,6 +220,8 @@ class ImageEngine:
             )
         pipe = _TASK_PIPELINES[first.kind].from_pipe(base, **overrides)
         pipe.set_progress_bar_config(disable=True)
+        if self.device.type == "cuda":
+            acceleration.tile_vae_for(pipe, first.width, first.height, self.settings)
         return pipe, choice, model_load
 
     def _denoise(self, pipe, items, group, results, model_load: float) -> None:

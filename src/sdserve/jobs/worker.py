@@ -85,6 +85,8 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
+        if hasattr(self.engine, "warm_up"):
+            self.engine.warm_up()
         if not self.store.is_sqlite:
             threading.Thread(
                 target=listen_for_jobs,
