@@ -14,8 +14,10 @@ from PIL import Image
 
 from sdserve.engine.images import BatchItem, ImageEngine, ImageResult
 from sdserve.engine.registry import ModelRegistry
+from sdserve.engine.video import VideoEngine, VideoItem, VideoResult
 from sdserve.errors import EngineError
 from sdserve.schemas.images import normalize_image_request, parse_image_request
+from sdserve.schemas.video import normalize_video_request, parse_video_request
 from sdserve.settings import Settings
 
 RED = Image.open(__import__("io").BytesIO(png_bytes((64, 64), (200, 40, 40))))
@@ -140,6 +142,79 @@ def test_out_of_memory_splits_the_batch_and_retries(engine, monkeypatch):
         assert_same(result, engine.generate_batch([one])[0])
 
 
+def clip(engine, model_id="tiny-sd", **change) -> VideoItem:
+    body = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, **change}
+    kind = "t2v" if model_id == "tiny-t2v" else "animatediff"
+    params = normalize_video_request(
+        parse_video_request({"num_frames": 4, "seed": 1, **body}),
+        kind,
+        "video",
+        engine.settings,
+        model_id=model_id,
+    )
+    return VideoItem(params)
+
+
+def frames(result: VideoResult) -> np.ndarray:
+    assert isinstance(result, VideoResult), result
+    return np.stack([np.asarray(frame, dtype=np.int16) for frame in result.frames])
+
+
+@pytest.mark.parametrize("model_id", ["tiny-sd", "tiny-t2v"])  # AnimateDiff, text-to-video UNet
+def test_batched_clips_match_clips_run_alone(engine, model_id):
+    video = VideoEngine(engine)
+    clips = [
+        clip(engine, model_id, prompt="a red fox", seed=1, guidance_scale=7),
+        clip(engine, model_id, prompt="a blue whale, ((ocean))", seed=22, guidance_scale=3),
+        clip(engine, model_id, prompt="a castle", negative_prompt="fog", seed=5),
+    ]
+    assert len({c.params.batch_key for c in clips}) == 1
+    batched = video.generate_batch(clips)
+    alone = [video.generate_batch([c])[0] for c in clips]
+    for together, single in zip(batched, alone, strict=True):
+        assert together.stages["batch_size"] == 3 and single.stages["batch_size"] == 1
+        assert len(together.frames) == 4
+        assert np.abs(frames(together) - frames(single)).max() <= 1  # within 1/255
+    # guidance and prompts really differ per clip
+    assert np.abs(frames(alone[0]) - frames(alone[1])).mean() > 1
+
+
+def test_clips_batch_only_when_they_can_share_a_loop(engine):
+    key = clip(engine).params.batch_key
+    assert clip(engine, prompt="other", seed=9, guidance_scale=3).params.batch_key == key
+    assert clip(engine, num_frames=6).params.batch_key != key
+    assert clip(engine, guidance_scale=1).params.batch_key != key  # guidance off
+    assert clip(engine, model_id="tiny-t2v").params.batch_key != key
+    # a loop of their own: FreeNoise past the adapter window, FreeInit, video-to-video
+    solos = [
+        clip(engine, num_frames=engine.settings.motion_context_frames + 1),
+        clip(engine, use_improved_sampling="yes"),
+        clip(engine, init_image="https://example.com/a.png"),
+    ]
+    for solo in solos:
+        twin = solo.params.model_copy(update={"file_prefix": "another"})
+        assert solo.params.solo and solo.params.batch_key != twin.batch_key
+
+
+def test_a_failing_clip_leaves_the_others_intact(engine, monkeypatch):
+    from sdserve.engine import images
+
+    original = images.encode_prompts
+
+    def encode(pipe, prompts, negatives, clip_skip):
+        if "boom" in prompts[0]:
+            raise ValueError("cannot encode this")
+        return original(pipe, prompts, negatives, clip_skip)
+
+    monkeypatch.setattr(images, "encode_prompts", encode)
+    video = VideoEngine(engine)
+    good, bad = clip(engine, seed=3), clip(engine, prompt="boom", seed=4)
+    results = video.generate_batch([good, bad])
+    assert isinstance(results[1], EngineError) and "cannot encode" in results[1].message
+    assert results[0].stages["batch_size"] == 1  # the failed clip left the loop
+    assert np.abs(frames(results[0]) - frames(video.generate_batch([good])[0])).max() <= 1
+
+
 def test_the_server_batches_concurrent_compatible_jobs(tmp_path):
     server = ServerProcess(tmp_path / "batching", SDSERVE_BATCH_WINDOW_MS="1500").start()
     body = {
@@ -186,6 +261,24 @@ def test_the_server_batches_concurrent_compatible_jobs(tmp_path):
             - np.asarray(decode_png(alone["output"][0]), dtype=int)
         )
         assert diff.max() <= 1
+        clips = {}
+
+        def submit_clip(name, **change):
+            clip_body = {**body, "prompt": "a fox running", "num_frames": 4, **change}
+            clips[name] = server.post("/api/v6/video/text2video", clip_body).json()
+
+        threads = [
+            threading.Thread(target=submit_clip, args=(n,), kwargs={"seed": s})
+            for n, s in (("x", 1), ("y", 2))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for answer in clips.values():
+            assert answer["status"] == "success", answer
+            assert answer["timings"]["batch_size"] == 2
+            assert __import__("httpx").get(answer["output"][0]).content[4:8] == b"ftyp"
         metrics = __import__("httpx").get(server.url + "/metrics").text
         assert 'sdserve_stage_seconds_count{stage="denoise"}' in metrics
         assert "sdserve_batch_size_sum" in metrics

@@ -162,27 +162,19 @@ class ImageEngine:
             except Exception as exc:
                 return [EngineError(f"Generation failed: {exc}")] * len(items)
 
-            # 2. each job's prompts (A1111 weighting, no 77-token limit); a bad one fails alone
-            ready: list[tuple[int, dict[str, torch.Tensor]]] = []
-            for index, item in enumerate(items):
-                p = item.params
-                try:
-                    embeds = encode_prompts(
-                        pipe, [p.prompt] * p.samples, [p.negative_prompt] * p.samples, p.clip_skip
-                    )
-                    ready.append((index, embeds))
-                except Exception as exc:
-                    results[index] = EngineError(f"Prompt could not be encoded: {exc}")
-
-            # 3. one loop per group of equal prompt lengths (long prompts make longer embeddings)
-            groups: dict[tuple, list[tuple[int, dict]]] = {}
-            for index, embeds in ready:
-                shape = tuple(tuple(t.shape[1:]) for t in embeds.values())
-                groups.setdefault(shape, []).append((index, embeds))
-            for group in groups.values():
+            # 2. each job's prompts (a bad one fails alone); one loop per embedding shape
+            prompts = [
+                (
+                    [i.params.prompt] * i.params.samples,
+                    [i.params.negative_prompt] * i.params.samples,
+                    i.params.clip_skip,
+                )
+                for i in items
+            ]
+            for group in encode_in_groups(pipe, prompts, results):
                 self._denoise(pipe, items, group, results, model_load)
 
-        # 4. NSFW check and replacement, per job
+        # 3. NSFW check and replacement, per job
         for index, item in enumerate(items):
             result = results[index]
             if isinstance(result, ImageResult) and item.params.safety_checker:
@@ -225,39 +217,25 @@ class ImageEngine:
         return pipe, choice, model_load
 
     def _denoise(self, pipe, items, group, results, model_load: float) -> None:
-        """Run `group` (indices into items, with their prompt embeddings) as one pipeline call;
-        on running out of GPU memory, free it and run each half on its own."""
-        try:
+        """Run `group` (indices into items, with their prompt embeddings) as one pipeline call."""
+
+        def run(group) -> None:
             outputs, stages = self._call(pipe, [items[i] for i, _ in group], [e for _, e in group])
-        except torch.cuda.OutOfMemoryError:
-            free_device_memory()
-            if len(group) == 1:
-                results[group[0][0]] = EngineError(
-                    "Out of GPU memory: try a smaller size or fewer samples"
-                )
-                return
-            log.warning("out of memory with a batch of %d jobs: splitting it", len(group))
-            half = len(group) // 2
-            self._denoise(pipe, items, group[:half], results, model_load)
-            self._denoise(pipe, items, group[half:], results, model_load)
-            return
-        except Exception as exc:
+            offset = 0
             for index, _ in group:
-                results[index] = EngineError(f"Generation failed: {exc}")
-            return
-        offset = 0
-        for index, _ in group:
-            count = items[index].params.samples
-            arrays = outputs[offset : offset + count]
-            offset += count
-            if not np.isfinite(arrays).all():  # NaN or inf in this job's samples only
-                results[index] = EngineError("Generation failed: the model produced NaN values")
-                continue
-            images = pipe.numpy_to_pil(arrays)
-            timings = {"model_load": model_load, **stages, "batch_size": len(group)}
-            results[index] = ImageResult(
-                images, [False] * len(images), "", stages["denoise"] + stages["decode"], timings
-            )
+                count = items[index].params.samples
+                arrays = outputs[offset : offset + count]
+                offset += count
+                if not np.isfinite(arrays).all():  # NaN or inf in this job's samples only
+                    results[index] = EngineError("Generation failed: the model produced NaN values")
+                    continue
+                images = pipe.numpy_to_pil(arrays)
+                timings = {"model_load": model_load, **stages, "batch_size": len(group)}
+                results[index] = ImageResult(
+                    images, [False] * len(images), "", stages["denoise"] + stages["decode"], timings
+                )
+
+        split_on_oom(group, run, results)
 
     def _call(self, pipe, items: list[BatchItem], embeds: list[dict]):
         """The diffusers call for several jobs: samples concatenated, guidance per sample."""
@@ -329,6 +307,47 @@ class ImageEngine:
         except Exception as exc:
             raise EngineError(f"Embedding {embedding_id} could not be loaded: {exc}") from exc
         done.add(embedding_id)
+
+
+def encode_in_groups(
+    pipe, prompts: list[tuple[list[str], list[str], int | None]], results: list
+) -> list[list[tuple[int, dict[str, torch.Tensor]]]]:
+    """Each job's (prompts, negative prompts, clip skip) encoded (A1111 weighting, no 77-token limit), then
+    grouped by embedding shape: long prompts make longer embeddings, and each group is one loop.
+    A job whose prompt cannot be encoded gets its error in `results` and is left out."""
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for index, (positive, negative, clip_skip) in enumerate(prompts):
+        try:
+            embeds = encode_prompts(pipe, positive, negative, clip_skip)
+        except Exception as exc:
+            results[index] = EngineError(f"Prompt could not be encoded: {exc}")
+            continue
+        shape = tuple(tuple(t.shape[1:]) for t in embeds.values())
+        groups.setdefault(shape, []).append((index, embeds))
+    return list(groups.values())
+
+
+def split_on_oom(group: list[tuple[int, dict]], run: Callable[[list], None], results: list) -> None:
+    """`run(group)` as one batch. When the GPU runs out of memory, free it and run each half on
+    its own, down to single jobs. Any other failure fails the group's jobs (in `results`)."""
+    try:
+        run(group)
+        return
+    except torch.cuda.OutOfMemoryError:
+        free_device_memory()
+        if len(group) > 1:
+            log.warning("out of memory with a batch of %d jobs: splitting it", len(group))
+            half = len(group) // 2
+            split_on_oom(group[:half], run, results)
+            split_on_oom(group[half:], run, results)
+            return
+        error = EngineError("Out of GPU memory: try a smaller size or fewer samples")
+    except SdserveError as exc:
+        error = exc
+    except Exception as exc:
+        error = EngineError(f"Generation failed: {exc}")
+    for index, _ in group:
+        results[index] = error
 
 
 def apply_loras(

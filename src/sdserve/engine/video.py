@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,17 +19,36 @@ from diffusers import (
 from PIL import Image
 
 from sdserve.engine import tiny
-from sdserve.engine.images import ImageEngine, StepCallback, apply_loras, step_reporter
+from sdserve.engine.images import (
+    ImageEngine,
+    StepCallback,
+    apply_loras,
+    encode_in_groups,
+    per_sample_guidance,
+    split_on_oom,
+    step_reporter,
+)
 from sdserve.engine.prompts import encode_prompts
+from sdserve.engine.registry import free_device_memory
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
-from sdserve.errors import EngineError, ValidationFailed
-from sdserve.schemas.video import VideoParams
+from sdserve.errors import EngineError, SdserveError, ValidationFailed
+from sdserve.schemas.video import VideoParams, runs_together
 
 
 @dataclass
 class VideoResult:
     frames: list[Image.Image]
     pipeline_seconds: float
+    stages: dict[str, float] = field(default_factory=dict)  # model_load, denoise, decode, ...
+
+
+@dataclass
+class VideoItem:
+    """One job of a batch: its parameters, init frames (v2v, SVD) and step callback."""
+
+    params: VideoParams
+    init_frames: list[Image.Image] | None = None
+    on_step: StepCallback | None = None
 
 
 class VideoEngine:
@@ -44,21 +63,136 @@ class VideoEngine:
     def generate(
         self, p: VideoParams, init_frames: list[Image.Image] | None, on_step: StepCallback | None
     ) -> VideoResult:
+        """One clip alone: a batch of one."""
+        [result] = self.generate_batch([VideoItem(p, init_frames, on_step)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def generate_batch(self, items: list[VideoItem]) -> list[VideoResult | Exception]:
+        """Clips with the same batch_key in one denoising loop (AnimateDiff and text-to-video
+        UNets); each keeps its prompts, seed and guidance and gets its own result or error.
+        FreeNoise, FreeInit, video-to-video and SVD clips run one loop each."""
         with self._lock:
-            if p.kind == "animatediff":
-                run = self._animatediff
-            elif p.kind == "t2v":
-                run = self._text_to_video
-            else:
-                run = self._svd
+            context = self.settings.motion_context_frames
+            if all(runs_together(item.params, context) for item in items):
+                return self._together(items)
+            return [self._alone(item) for item in items]
+
+    def _alone(self, item: VideoItem) -> VideoResult | Exception:
+        p = item.params
+        run = self._svd if p.kind == "svd" else self._animatediff
+        report, marks = step_reporter(item.on_step), []
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            marks.append(time.perf_counter())  # the last one is where decoding starts
+            return report(pipe, step_index, timestep, callback_kwargs)
+
+        started = time.perf_counter()
+        try:
+            frames = run(p, item.init_frames, on_step_end)
+        except torch.cuda.OutOfMemoryError:
+            free_device_memory()
+            return EngineError("Out of GPU memory: try a smaller size or fewer frames")
+        except SdserveError as exc:
+            return exc
+        except Exception as exc:
+            return EngineError(f"Video generation failed: {exc}")
+        ended = time.perf_counter()
+        denoised = marks[-1] if marks else ended
+        stages = {"denoise": denoised - started, "decode": ended - denoised, "batch_size": 1}
+        return VideoResult(frames, ended - started, stages)
+
+    # ---- clips in one loop ---------------------------------------------------------------
+
+    def _together(self, items: list[VideoItem]) -> list[VideoResult | Exception]:
+        results: list[VideoResult | Exception | None] = [None] * len(items)
+        first = items[0].params
+        started = time.perf_counter()
+        try:  # what the clips share: a failure here fails them all
+            pipe = self._loop_pipeline(first)
+        except SdserveError as exc:
+            return [exc] * len(items)
+        except Exception as exc:
+            return [EngineError(f"Video generation failed: {exc}")] * len(items)
+        model_load = time.perf_counter() - started
+
+        def run(group) -> None:
             started = time.perf_counter()
-            try:
-                frames = run(p, init_frames, step_reporter(on_step))
-            except (EngineError, ValidationFailed, torch.cuda.OutOfMemoryError):
-                raise
-            except Exception as exc:
-                raise EngineError(f"Video generation failed: {exc}") from exc
-            return VideoResult(frames, time.perf_counter() - started)
+            latents = self._loop(pipe, [items[i] for i, _ in group], [e for _, e in group])
+            denoise = time.perf_counter() - started
+            for row, (index, _) in enumerate(group):
+                decoding = time.perf_counter()
+                if not torch.isfinite(latents[row]).all():
+                    results[index] = EngineError("Generation failed: the model produced NaN values")
+                    continue
+                frames = self._decode_chunked(pipe, latents[row : row + 1])
+                decode = time.perf_counter() - decoding
+                stages = {
+                    "model_load": model_load,
+                    "denoise": denoise,
+                    "decode": decode,
+                    "batch_size": len(group),
+                }
+                results[index] = VideoResult(frames, denoise + decode, stages)
+
+        prompts = [
+            ([i.params.prompt], [i.params.negative_prompt], i.params.clip_skip) for i in items
+        ]
+        for group in encode_in_groups(pipe, prompts, results):
+            split_on_oom(group, run, results)
+        return results
+
+    def _loop_pipeline(self, first: VideoParams) -> DiffusionPipeline:
+        """The batch's model with its LoRAs and a fresh scheduler (they are stateful)."""
+        if first.kind == "animatediff":
+            pipe = self.animate_pipeline(first.model_id)
+            apply_loras(pipe, first.loras, self.registry)
+            if pipe.free_noise_enabled:
+                pipe.disable_free_noise()
+            pipe.disable_free_init()
+        else:
+            pipe = self._text_to_video_pipeline(first.model_id)
+        choice = resolve_scheduler_name(first.scheduler, None, None)
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, choice)
+        return pipe
+
+    def _loop(self, pipe, items: list[VideoItem], embeds: list[dict]) -> torch.Tensor:
+        """One denoising loop for several clips: latents [clips, C, frames, h, w]."""
+        first = items[0].params
+        scales = [item.params.guidance_scale for item in items]
+        reporters = [step_reporter(item.on_step) for item in items]
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            for report in reporters:
+                report(pipe, step_index, timestep, callback_kwargs)
+            return callback_kwargs
+
+        kwargs = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
+        kwargs.update(
+            num_frames=first.num_frames,
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            guidance_scale=max(scales),
+            generator=[torch.Generator("cpu").manual_seed(item.params.seed) for item in items],
+            output_type="latent",
+        )
+        if isinstance(pipe, TextToVideoSDPipeline):  # only the old-style step callback
+            kwargs.update(
+                callback=lambda step, _t, _latents: on_step_end(pipe, step, None, {}),
+                callback_steps=1,
+            )
+        else:
+            kwargs["callback_on_step_end"] = on_step_end
+        hook = None
+        if len(set(scales)) > 1 and max(scales) > 1:
+            hook = per_sample_guidance(pipe.unet, scales)
+        try:
+            return pipe(**kwargs).frames
+        finally:
+            if hook is not None:
+                hook.remove()
 
     # ---- AnimateDiff ---------------------------------------------------------------------
 
@@ -128,30 +262,15 @@ class VideoEngine:
             ).frames[0]
         return pipe(num_frames=p.num_frames, height=p.height, width=p.width, **common).frames[0]
 
-    # ---- text-to-video UNet (v5) ---------------------------------------------------------
+    # ---- text-to-video UNet (v5; it runs in _together) and decoding ------------------------
 
-    def _text_to_video(self, p: VideoParams, _init, callback) -> list[Image.Image]:
-        pipe = self.images.pipeline(p.model_id)
+    def _text_to_video_pipeline(self, model_id: str) -> TextToVideoSDPipeline:
+        pipe = self.images.pipeline(model_id)
         if not isinstance(pipe, TextToVideoSDPipeline):
             raise ValidationFailed(
-                {"model_id": [f"Model {p.model_id} is not a text-to-video model."]}
+                {"model_id": [f"Model {model_id} is not a text-to-video model."]}
             )
-        choice = resolve_scheduler_name(p.scheduler, None, None)
-        pipe.scheduler = make_scheduler(pipe.scheduler.config, choice)
-        latents = pipe(
-            num_frames=p.num_frames,
-            height=p.height,
-            width=p.width,
-            num_inference_steps=p.steps,
-            guidance_scale=p.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(p.seed),
-            output_type="latent",
-            # this (deprecated) pipeline has only the old-style step callback
-            callback=lambda step, _t, _latents: callback(pipe, step, None, {}),
-            callback_steps=1,
-            **encode_prompts(pipe, [p.prompt], [p.negative_prompt], p.clip_skip),
-        ).frames
-        return self._decode_chunked(pipe, latents)
+        return pipe
 
     def _decode_chunked(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         """Decode [1, C, F, h, w] latents a few frames at a time, so long clips fit in memory."""
@@ -161,6 +280,8 @@ class VideoEngine:
         with torch.no_grad():
             for start in range(0, latents.shape[0], chunk):
                 pixels = pipe.vae.decode(latents[start : start + chunk].to(pipe.vae.dtype)).sample
+                if not torch.isfinite(pixels).all():
+                    raise EngineError("Generation failed: the model produced NaN values")
                 frames.extend(_to_images(pixels))
         return frames
 
@@ -223,6 +344,13 @@ def _encode_with_sdserve_prompts(pipe: AnimateDiffPipeline) -> None:
         lora_scale=None,
         clip_skip=None,
     ):
+        if prompt_embeds is not None:  # encoded already, per job (batched clips)
+            return (
+                prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0),
+                negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+                if do_classifier_free_guidance
+                else None,
+            )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt or ""
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)

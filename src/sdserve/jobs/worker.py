@@ -17,7 +17,7 @@ from PIL import Image
 from sdserve.engine.images import BatchItem, ImageEngine, ImageResult
 from sdserve.engine.imports import ImportSpec, ModelImporter
 from sdserve.engine.training import Trainer, TrainingCancelled, TrainingHooks
-from sdserve.engine.video import VideoEngine
+from sdserve.engine.video import VideoEngine, VideoItem, VideoResult
 from sdserve.errors import EngineError, SdserveError, StoreUnavailable
 from sdserve.jobs.control import ControlChannel, WorkerInfo
 from sdserve.jobs.notify import CompletionBus, listen_for_jobs
@@ -37,6 +37,7 @@ _ADVERTISE_INTERVAL = 5.0
 _BROADCAST_INTERVAL = 0.5
 IMAGE_KINDS = ("text2img", "img2img", "inpaint")
 VIDEO_KINDS = ("animatediff", "t2v", "svd")
+BATCHED_KINDS = IMAGE_KINDS + VIDEO_KINDS
 TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
 _SANDBOX_STAGES = (
     ("training_started", "sandbox: no GPU is used, stages are simulated"),
@@ -182,7 +183,7 @@ class Worker:
         )
         if not batch:
             return 0
-        if batch[0].kind in IMAGE_KINDS and settings.batch_window_ms > 0:
+        if batch[0].kind in BATCHED_KINDS and settings.batch_window_ms > 0:
             # Give compatible jobs arriving right now the chance to share the loop.
             time.sleep(settings.batch_window_ms / 1000)
             batch += (
@@ -204,8 +205,8 @@ class Worker:
         )
         heartbeat.start()
         try:
-            if batch[0].kind in IMAGE_KINDS:  # the whole batch in one denoising loop
-                self._run_image_batch(batch)
+            if batch[0].kind in BATCHED_KINDS:  # the whole batch in one denoising loop
+                self._run_batch(batch)
             else:
                 for index, job in enumerate(batch):
                     if stop is not None and stop.is_set():
@@ -241,8 +242,6 @@ class Worker:
             self._settle(job, lambda: self._run_reload_job(job))
         elif job.kind == "model_load":
             self._settle(job, lambda: self._run_import_job(job))
-        elif job.kind in VIDEO_KINDS:
-            self._settle(job, lambda: self._run_video_job(job))
         else:
             self._settle(job, lambda: self._run_training_job(job))
 
@@ -288,29 +287,25 @@ class Worker:
                 log.warning("job store unavailable; retrying the result of job %s", args[0])
                 time.sleep(1.0)
 
-    def _run_image_batch(self, jobs: list[JobView]) -> None:
-        """Compatible image jobs through one denoising loop; each job ends on its own."""
+    def _run_batch(self, jobs: list[JobView]) -> None:
+        """Compatible image or video jobs through one denoising loop; each job ends on its own."""
+        if jobs[0].kind in IMAGE_KINDS:
+            build, generate, store = (
+                self._image_item,
+                self.engine.generate_batch,
+                self._store_images,
+            )
+        else:
+            build, generate, store = self._video_item, self.video.generate_batch, self._store_video
         items, runnable = [], []
         for job in jobs:
             try:
-                inputs = job.params.get("input_keys", {})
-                items.append(
-                    BatchItem(
-                        GenerationParams.model_validate(job.params),
-                        self._input_image(inputs.get("init_image")),
-                        self._input_image(inputs.get("mask_image")),
-                        self._progress(job),
-                    )
-                )
+                items.append(build(job))
                 runnable.append(job)
             except Exception as exc:  # an unreadable input fails its own job only
-
-                def fail(exc: Exception = exc) -> dict:
-                    raise exc
-
-                self._settle(job, fail)
+                self._settle(job, _raise(exc))
         try:
-            outcomes = self.engine.generate_batch(items) if items else []
+            outcomes = generate(items) if items else []
         except Exception as exc:  # the engine failed outside any one job: fail them all clearly
             log.exception("batch of %d jobs failed", len(items))
             error = (
@@ -319,19 +314,32 @@ class Worker:
             outcomes = [error] * len(items)
         for job, item, outcome in zip(runnable, items, outcomes, strict=True):
             if isinstance(outcome, Exception):
-
-                def fail(exc: Exception = outcome) -> dict:
-                    raise exc
-
-                self._settle(job, fail)
+                self._settle(job, _raise(outcome))
             else:
                 self._settle(
                     job,
-                    lambda job=job, item=item, outcome=outcome: self._store_images(
-                        job, item.params, outcome
-                    ),
+                    lambda job=job, item=item, outcome=outcome: store(job, item.params, outcome),
                     seconds=outcome.pipeline_seconds,
                 )
+
+    def _image_item(self, job: JobView) -> BatchItem:
+        inputs = job.params.get("input_keys", {})
+        return BatchItem(
+            GenerationParams.model_validate(job.params),
+            self._input_image(inputs.get("init_image")),
+            self._input_image(inputs.get("mask_image")),
+            self._progress(job),
+        )
+
+    def _video_item(self, job: JobView) -> VideoItem:
+        inputs = job.params.get("input_keys", {})
+        init_frames = None
+        if "init_image" in inputs:
+            init_frames = [self._input_image(inputs["init_image"])]
+        elif "init_video" in inputs:
+            data = self.storage.get(inputs["init_video"])
+            init_frames = decode_video(data, "init_video", self.settings.max_video_frames)
+        return VideoItem(VideoParams.model_validate(job.params), init_frames, self._progress(job))
 
     def _store_images(self, job: JobView, params: GenerationParams, outcome: ImageResult) -> dict:
         started = time.perf_counter()
@@ -347,28 +355,16 @@ class Worker:
             "timings": _timings(job, stages),
         }
 
-    def _run_video_job(self, job: JobView) -> dict:
-        params = VideoParams.model_validate(job.params)
-        inputs = job.params.get("input_keys", {})
-        init_frames = None
-        if "init_image" in inputs:
-            init_frames = [self._input_image(inputs["init_image"])]
-        elif "init_video" in inputs:
-            data = self.storage.get(inputs["init_video"])
-            init_frames = decode_video(data, "init_video", self.settings.max_video_frames)
-
+    def _store_video(self, job: JobView, params: VideoParams, outcome: VideoResult) -> dict:
         started = time.perf_counter()
-        outcome = self.video.generate(params, init_frames, self._progress(job))
         encoded = encode_video(outcome.frames, params.fps, params.output_type)
         key = job.params["output_keys"][0]
         self.storage.put(key, base64.b64encode(encoded) if params.base64 else encoded)
+        stages = {**outcome.stages, "upload": time.perf_counter() - started}
         return {
             "output_keys": [key],
             "meta": dict(job.params.get("meta", {})),
-            "timings": _timings(
-                job,
-                {"pipeline": outcome.pipeline_seconds, "worker": time.perf_counter() - started},
-            ),
+            "timings": _timings(job, stages),
         }
 
     def _run_import_job(self, job: JobView) -> dict:
@@ -460,3 +456,12 @@ def _timings(job: JobView, stages: dict[str, float]) -> dict[str, float]:
     as `timings`; the metrics export it)."""
     queue_wait = (job.started_at or job.created_at) - job.created_at
     return {"queue_wait": round(queue_wait, 4)} | {k: round(v, 4) for k, v in stages.items()}
+
+
+def _raise(exc: Exception) -> Callable[[], dict]:
+    """Work that fails with `exc`: settles a job that failed before or inside the batch."""
+
+    def fail() -> dict:
+        raise exc
+
+    return fail

@@ -96,9 +96,13 @@ class VideoParams(BaseModel):
     track_id: Any = None
     webhook: str | None = None
     echo: dict[str, Any] = Field(default_factory=dict)
+    solo: bool = False  # runs in a denoising loop of its own (see runs_together)
 
     @property
     def batch_key(self) -> str:
+        """Clips with equal keys can share one denoising loop; a solo clip's key is its own."""
+        if self.solo:
+            return f"video-solo|{self.file_prefix}"
         fields = (
             self.model_id,
             self.kind,
@@ -107,8 +111,8 @@ class VideoParams(BaseModel):
             self.num_frames,
             self.steps,
             self.scheduler,
-            self.init,
-            ",".join(f"{i}:{s}" for i, s in self.loras),
+            ",".join(f"{name}:{weight:g}" for name, weight in sorted(self.loras)),
+            self.guidance_scale > 1,  # guidance on or off
         )
         return "video|" + "|".join(map(str, fields))
 
@@ -137,6 +141,19 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "type": "mp4",
     },
 }
+
+
+def runs_together(p: VideoParams, motion_context_frames: int) -> bool:
+    """Whether a clip can share a denoising loop with others. FreeNoise (clips past the motion
+    adapter's window) and FreeInit work on one prompt; video-to-video and SVD start from images."""
+    if p.kind == "t2v":
+        return True
+    return (
+        p.kind == "animatediff"
+        and p.init == "none"
+        and not p.use_improved_sampling
+        and p.num_frames <= motion_context_frames
+    )
 
 
 def parse_video_request(body: dict) -> VideoRequest:
@@ -205,7 +222,7 @@ def normalize_video_request(
     seed = req.seed if req.seed not in (None, -1, 0) else secrets.randbelow(2**32 - 1) + 1
     init = "video" if req.init_video else "image" if (req.init_image and kind != "svd") else "none"
     guidance = d["guidance"] if req.guidance_scale is None else req.guidance_scale
-    return VideoParams(
+    params = VideoParams(
         kind=kind,
         family=family,
         model_id=model_id,
@@ -247,6 +264,8 @@ def normalize_video_request(
             "latent_interpolation_method": req.latent_interpolation_method or "lerp",
         },
     )
+    params.solo = not runs_together(params, settings.motion_context_frames)
+    return params
 
 
 def build_video_meta(p: VideoParams, *, scheduler: str) -> dict[str, Any]:
