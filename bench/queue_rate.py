@@ -6,6 +6,9 @@ Throughput: a burst of `--jobs` jobs from `--clients` clients, each submitting i
 fetching each job until it succeeded. Claim latency: the time from a job's insert to its claim by a
 worker, over `--idle-jobs` jobs sent one at a time to an idle queue (the notification path).
 
+CPU: the CPU seconds each part (API, workers, PostgreSQL, this client) spent per job in the burst,
+from /proc, so the rate can be read against the machine's cores.
+
 Run: .venv/bin/python bench/queue_rate.py [--jobs 1000 --clients 32 --workers 3]
 Everything (database, API, workers, clients) shares this machine's cores.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,6 +66,37 @@ async def _burst(url: str, jobs: int, clients: int) -> float:
         started = time.perf_counter()
         await asyncio.gather(*(client(jobs // clients) for _ in range(clients)))
         return time.perf_counter() - started
+
+
+def _cpu_seconds() -> collections.Counter:
+    """CPU seconds so far of the API, worker and PostgreSQL processes, and of this client."""
+    totals: collections.Counter = collections.Counter()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        part = next(
+            (
+                name
+                for name, marker in (
+                    ("api", "sdserve.cli serve"),
+                    ("workers", "sdserve.cli worker"),
+                    ("postgres", "postgres"),
+                )
+                if marker in cmd
+            ),
+            None,
+        )
+        if part and int(pid) != os.getpid():
+            totals[part] += (int(fields[11]) + int(fields[12])) / tick
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    totals["client"] = usage.ru_utime + usage.ru_stime
+    return totals
 
 
 def _one_at_a_time(url: str, jobs: int) -> None:
@@ -114,7 +150,10 @@ def _workers(count: int, env: dict[str, str]):
 
 def run(label: str, url: str, database_url: str, args) -> dict:
     asyncio.run(_burst(url, args.clients * 2, args.clients))  # warm-up
+    cpu_before = _cpu_seconds()
     wall = asyncio.run(_burst(url, args.jobs, args.clients))
+    cpu = _cpu_seconds()
+    cpu.subtract(cpu_before)
     before = _last_id(database_url)
     _one_at_a_time(url, args.idle_jobs)
     claims = _claim_latencies(database_url, before)
@@ -124,6 +163,7 @@ def run(label: str, url: str, database_url: str, args) -> dict:
         "jobs_per_s": round(args.jobs / wall, 1),
         "idle_claim_p50_ms": round(statistics.median(claims) * 1000, 2),
         "idle_claim_p95_ms": round(claims[int(0.95 * len(claims)) - 1] * 1000, 2),
+        "cpu_ms_per_job": {part: round(1000 * sec / args.jobs, 2) for part, sec in cpu.items()},
     }
     print(result, flush=True)
     return result

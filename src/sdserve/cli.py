@@ -56,6 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=settings.port,
             log_level=args.log_level,
             timeout_graceful_shutdown=10,
+            # Longer than clients' and load balancers' idle timeouts (httpx 5 s, AWS ALB 60 s):
+            # otherwise the server can close an idle connection just as a client sends a
+            # request on it, and that request fails with a dropped connection.
+            timeout_keep_alive=75,
         )
     )
     restart = threading.Event()

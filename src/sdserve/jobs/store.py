@@ -114,8 +114,11 @@ class JobStore:
         kwargs = (
             {"connect_args": {"timeout": 30, "check_same_thread": False}}
             if self.is_sqlite
-            # pre_ping: connections dropped while the database was away are replaced, not used
-            else {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+            # As many pooled connections as the API has threadpool threads (40): past the pool,
+            # each request would open and close its own, a PostgreSQL process each time. No
+            # pre-ping round trip per checkout: after an outage the first use of a dropped
+            # connection fails, and SQLAlchemy then discards every pooled connection at once.
+            else {"pool_size": 40, "max_overflow": 10}
         )
         self.engine = create_engine(database_url, **kwargs)
         if self.is_sqlite:
@@ -125,6 +128,7 @@ class JobStore:
         self._finished: OrderedDict[int, JobView] = OrderedDict()
         self._finished_lock = threading.Lock()
         self._rates: dict[str, tuple[float, float]] = {}  # model_id -> (seconds/unit, expiry)
+        self._timing_written: dict[str, float] = {}  # model_id -> when this process last wrote it
         self._write = sessionmaker(
             self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
         )
@@ -387,8 +391,8 @@ class JobStore:
         if batch_key is not None:
             claimable = claimable & (Job.batch_key == batch_key)
         with self.session(write=True) as s:
-            first = s.scalars(
-                select(Job)
+            first = s.execute(
+                select(Job.id, Job.batch_key, Job.cost)
                 .where(claimable)
                 .order_by(*order)
                 .limit(1)
@@ -396,31 +400,40 @@ class JobStore:
             ).first()
             if first is None:
                 return []
-            jobs = [first] + list(
-                s.scalars(
-                    select(Job)
+            picked = [first]
+            if max_size > 1:
+                picked += s.execute(
+                    select(Job.id, Job.batch_key, Job.cost)
                     .where(claimable, Job.batch_key == first.batch_key, Job.id != first.id)
                     .order_by(Job.id)
                     .limit(max_size - 1)
                     .with_for_update(skip_locked=True)
-                )
-            )
+                ).all()
             if max_cost is not None:
                 total, kept = 0.0, []
-                for job in jobs:
+                for job in picked:
                     total += job.cost
                     if kept and total > max_cost:
                         break
                     kept.append(job)
-                jobs = kept  # the rest stay locked only until this transaction ends
-            for job in jobs:
-                job.status = "processing"
-                job.lease_owner = worker_id
-                job.lease_expires = now + lease_seconds
-                job.attempts += 1
-                job.started_at = now
-                job.step = 0
-            return [JobView.of(job) for job in jobs]
+                picked = kept  # the rest stay locked only until this transaction ends
+            ids = [job.id for job in picked]
+            claimed = s.scalars(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(
+                    status="processing",
+                    lease_owner=worker_id,
+                    lease_expires=now + lease_seconds,
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    step=0,
+                )
+                .returning(Job)
+                .execution_options(synchronize_session=False)
+            ).all()
+            by_id = {job.id: JobView.of(job) for job in claimed}
+            return [by_id[job_id] for job_id in ids]  # oldest first, as picked
 
     def fail_exhausted(self, max_attempts: int) -> list[int]:
         """Fail jobs whose lease expired after `max_attempts` claims (they keep killing workers)."""
@@ -456,18 +469,34 @@ class JobStore:
             )
 
     def complete(self, job_id: int, worker_id: str, result: dict, generation_time: float) -> bool:
-        """Record success and the measured speed (for ETAs), in one transaction.
-
-        False if this worker lost the lease and the job ended elsewhere.
-        """
+        """Record success, in one statement; False if this worker lost the lease and the job
+        ended elsewhere. The measured speed (for ETAs) is written at most once a second per
+        model and process: every completion writing that one row would serialize the workers."""
+        now = time.time()
         with self.session(write=True) as s:
-            job = s.get(Job, job_id)
-            if job is None or job.status != "processing" or job.lease_owner != worker_id:
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "processing", Job.lease_owner == worker_id)
+                .values(
+                    status="success",
+                    result=result,
+                    error=None,
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires=None,
+                    generation_time=generation_time,
+                    step=Job.total_steps,
+                )
+                .returning(Job.webhook, Job.model_id, Job.cost)
+                .execution_options(synchronize_session=False)
+            ).first()
+            if row is None:
                 return False
-            job.generation_time = generation_time
-            job.step = job.total_steps
-            self._finish(job, "success", result, None, time.time())
-            self._record_timing(s, job.model_id, generation_time / max(job.cost, 1e-6))
+            if row.webhook:
+                self.add_webhook(s, job_id, row.webhook, None)
+            if self._timing_written.get(row.model_id, 0.0) < now - 1.0:
+                self._timing_written[row.model_id] = now
+                self._record_timing(s, row.model_id, generation_time / max(row.cost, 1e-6))
             return True
 
     def fail(self, job_id: int, worker_id: str, message: str) -> bool:
