@@ -251,3 +251,8 @@ def test_openapi_docs(server):
     assert httpx.get(server.url + "/docs").status_code == 200
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "/api/v4/dreambooth" in spec["paths"] and "/api/v3/fetch/{job_id}" in spec["paths"]
+    # every operation has its own id (SDK generators need them unique), GET and POST fetch too
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    assert set(spec["paths"]["/api/v3/fetch/{job_id}"]) == {"get", "post"}
+    assert "Duplicate Operation ID" not in server.log.read_text()

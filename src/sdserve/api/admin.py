@@ -53,13 +53,14 @@ def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
 
     def register(handler):
         for path in (f"/api/v1/enterprise/{name}", f"/api/v1/enterprise/{{product}}/{name}"):
-            router.add_api_route(
-                path,
-                handler,
-                methods=list(methods),
-                summary=name,
-                include_in_schema=not path.count("{"),
-            )
+            for method in methods:  # one route per method: each gets its own OpenAPI operation id
+                router.add_api_route(
+                    path,
+                    handler,
+                    methods=[method],
+                    summary=name,
+                    include_in_schema=not path.count("{"),
+                )
         return handler
 
     return register
@@ -406,7 +407,8 @@ async def clear_cache(request: Request):
     return _ok("Cache cleared successfully")
 
 
-@router.api_route("/api/v5/clear_cache", methods=["GET", "POST"], tags=["utilities"])
+@router.get("/api/v5/clear_cache", tags=["utilities"])
+@router.post("/api/v5/clear_cache", tags=["utilities"])
 async def clear_cache_v5(request: Request):
     """Any key: models are loaded again on their next use, nothing else changes."""
     state, _body, _principal = await _caller(request, admin=False)

@@ -63,9 +63,11 @@ async def fetch_by_request_id(request: Request):
     return await _fetch(request, None)
 
 
-for _path in ID_PATHS:
-    router.add_api_route(_path, fetch_by_path, methods=["POST", "GET"], summary="Fetch a job")
-for _path in REQUEST_ID_PATHS:
-    router.add_api_route(
-        _path, fetch_by_request_id, methods=["POST", "GET"], summary="Fetch a job by request_id"
-    )
+# One route per method, so that each gets its own OpenAPI operation id.
+for _method in ("POST", "GET"):
+    for _path in ID_PATHS:
+        router.add_api_route(_path, fetch_by_path, methods=[_method], summary="Fetch a job")
+    for _path in REQUEST_ID_PATHS:
+        router.add_api_route(
+            _path, fetch_by_request_id, methods=[_method], summary="Fetch a job by request_id"
+        )

@@ -98,7 +98,8 @@ async def buy_model(request: Request):
     )
 
 
-@router.api_route("/api/subscribed_products", methods=["GET", "POST"])
+@router.get("/api/subscribed_products")
+@router.post("/api/subscribed_products")
 async def subscribed_products(request: Request):
     state, _body, principal = await _caller(request)
     used = await run_in_threadpool(state.store.usage, principal.key_id) if principal.key_id else 0

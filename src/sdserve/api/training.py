@@ -184,7 +184,8 @@ for _path in (
     "/api/v3/fine_tune_status/{training_id}",
     "/api/sandbox/v3/fine_tune_status/{training_id}",
 ):
-    router.add_api_route(_path, training_status, methods=["POST", "GET"])
+    for _method in ("POST", "GET"):  # a route each: distinct OpenAPI operation ids
+        router.add_api_route(_path, training_status, methods=[_method])
 for _path in ("/api/v3/cancle_training/{training_id}", "/api/v3/cancel_training/{training_id}"):
     router.add_api_route(_path, cancel_training, methods=["POST"])
 for _path in ("/api/v3/finetune/delete/{training_id}", "/api/v3/delete/{training_id}"):
