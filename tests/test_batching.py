@@ -215,6 +215,28 @@ def test_a_failing_clip_leaves_the_others_intact(engine, monkeypatch):
     assert np.abs(frames(results[0]) - frames(video.generate_batch([good])[0])).max() <= 1
 
 
+def test_nan_in_one_clip_fails_only_that_clip(engine):
+    video = VideoEngine(engine)
+    calls = []
+
+    def poison(_module, _args, output):
+        calls.append(1)
+        if len(calls) == 2:  # clips are decoded one by one: this is the second clip
+            output[:] = float("nan")
+        return output
+
+    clips = [clip(engine, seed=s) for s in (7, 8, 9)]
+    handle = video.animate_pipeline("tiny-sd").vae.decoder.register_forward_hook(poison)
+    try:
+        results = video.generate_batch(clips)
+    finally:
+        handle.remove()
+    assert isinstance(results[1], EngineError) and "NaN" in results[1].message
+    for index in (0, 2):
+        alone = video.generate_batch([clips[index]])[0]
+        assert np.abs(frames(results[index]) - frames(alone)).max() <= 1
+
+
 def test_the_server_batches_concurrent_compatible_jobs(tmp_path):
     server = ServerProcess(tmp_path / "batching", SDSERVE_BATCH_WINDOW_MS="1500").start()
     body = {

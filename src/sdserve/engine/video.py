@@ -60,15 +60,6 @@ class VideoEngine:
         self.registry = images.registry
         self._lock = threading.Lock()
 
-    def generate(
-        self, p: VideoParams, init_frames: list[Image.Image] | None, on_step: StepCallback | None
-    ) -> VideoResult:
-        """One clip alone: a batch of one."""
-        [result] = self.generate_batch([VideoItem(p, init_frames, on_step)])
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     def generate_batch(self, items: list[VideoItem]) -> list[VideoResult | Exception]:
         """Clips with the same batch_key in one denoising loop (AnimateDiff and text-to-video
         UNets); each keeps its prompts, seed and guidance and gets its own result or error.
@@ -123,10 +114,11 @@ class VideoEngine:
             denoise = time.perf_counter() - started
             for row, (index, _) in enumerate(group):
                 decoding = time.perf_counter()
-                if not torch.isfinite(latents[row]).all():
-                    results[index] = EngineError("Generation failed: the model produced NaN values")
+                try:  # NaN in this clip's latents or pixels fails this clip only
+                    frames = self._decode_chunked(pipe, latents[row : row + 1])
+                except EngineError as exc:
+                    results[index] = exc
                     continue
-                frames = self._decode_chunked(pipe, latents[row : row + 1])
                 decode = time.perf_counter() - decoding
                 stages = {
                     "model_load": model_load,
@@ -274,6 +266,8 @@ class VideoEngine:
 
     def _decode_chunked(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         """Decode [1, C, F, h, w] latents a few frames at a time, so long clips fit in memory."""
+        if not torch.isfinite(latents).all():
+            raise EngineError("Generation failed: the model produced NaN values")
         latents = latents[0].permute(1, 0, 2, 3) / pipe.vae.config.scaling_factor  # [F, C, h, w]
         chunk = self.settings.video_decode_chunk
         frames = []
