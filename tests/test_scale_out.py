@@ -119,9 +119,12 @@ def test_three_workers_a_killed_worker_and_an_api_restart_lose_nothing(postgres,
         jobs = rows(url, "SELECT id, status, result FROM jobs")
         assert len(jobs) == 200 and {status for _, status, _ in jobs} == {"success"}
 
-        # exactly once: one final webhook per job, and one outbox row per job
+        # one outbox row per job, and every job's final webhook arrived; delivery is at-least-once,
+        # so only a webhook in flight in the killed worker or the stopped API may come twice
         receiver.wait_for(200, timeout=60)
-        assert sorted(p["id"] for p in receiver.received) == sorted(j[0] for j in jobs)
+        received = [p["id"] for p in receiver.received]
+        assert set(received) == {j[0] for j in jobs}
+        assert len(received) - len(set(received)) <= 2
         assert rows(url, "SELECT count(*), count(DISTINCT job_id) FROM webhook_outbox")[0] == (
             200,
             200,
