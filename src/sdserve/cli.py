@@ -115,10 +115,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    from sdserve.api.app import build_state
+def _keyring(args: argparse.Namespace):
+    """The data dir's keys and plans, without loading the server (no torch: the CLI stays quick)."""
+    from sdserve.jobs.keys import KeyRing
+    from sdserve.jobs.store import JobStore
 
-    keys = build_state(_settings(args)).keys
+    settings = _settings(args)
+    store = JobStore(settings.resolved_database_url)
+    store.create_schema()
+    return KeyRing(store, settings.admin_key, settings.queue_limit_per_key)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    keys = _keyring(args)
     if args.keys_command == "create":
         if args.plan and keys.plan(args.plan) is None:
             print(f"No such plan: {args.plan}", file=sys.stderr)
@@ -138,9 +147,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_plans(args: argparse.Namespace) -> int:
-    from sdserve.api.app import build_state
-
-    keys = build_state(_settings(args)).keys
+    keys = _keyring(args)
     if args.plans_command == "set":
         keys.set_plan(
             args.name,
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin
     args = build_parser().parse_args(argv)
     return args.func(args)
 
