@@ -30,6 +30,21 @@ def engine(tmp_path_factory):
     return ImageEngine(settings, ModelRegistry(settings))
 
 
+@pytest.fixture
+def boom_cannot_be_encoded(monkeypatch):
+    """Prompts containing "boom" fail to encode, as a broken prompt would."""
+    from sdserve.engine import images
+
+    original = images.encode_prompts
+
+    def encode(pipe, prompts, negatives, clip_skip):
+        if "boom" in prompts[0]:
+            raise ValueError("cannot encode this")
+        return original(pipe, prompts, negatives, clip_skip)
+
+    monkeypatch.setattr(images, "encode_prompts", encode)
+
+
 def item(engine, kind="text2img", **change) -> BatchItem:
     body = {
         "prompt": "a red fox",
@@ -88,17 +103,7 @@ def test_guidance_is_applied_per_sample(engine):
     assert np.abs(pixels(alone[0])[0] - pixels(alone[1])[0]).max() > 10
 
 
-def test_a_failing_job_leaves_the_others_intact(engine, monkeypatch):
-    from sdserve.engine import images
-
-    original = images.encode_prompts
-
-    def encode(pipe, prompts, negatives, clip_skip):
-        if "boom" in prompts[0]:
-            raise ValueError("cannot encode this")
-        return original(pipe, prompts, negatives, clip_skip)
-
-    monkeypatch.setattr(images, "encode_prompts", encode)
+def test_a_failing_job_leaves_the_others_intact(engine, boom_cannot_be_encoded):
     good, bad = item(engine, seed=3), item(engine, prompt="boom", seed=4)
     results = engine.generate_batch([good, bad])
     assert isinstance(results[1], EngineError) and "cannot encode" in results[1].message
@@ -196,23 +201,28 @@ def test_clips_batch_only_when_they_can_share_a_loop(engine):
         assert solo.params.solo and solo.params.batch_key != twin.batch_key
 
 
-def test_a_failing_clip_leaves_the_others_intact(engine, monkeypatch):
-    from sdserve.engine import images
-
-    original = images.encode_prompts
-
-    def encode(pipe, prompts, negatives, clip_skip):
-        if "boom" in prompts[0]:
-            raise ValueError("cannot encode this")
-        return original(pipe, prompts, negatives, clip_skip)
-
-    monkeypatch.setattr(images, "encode_prompts", encode)
+def test_a_failing_clip_leaves_the_others_intact(engine, boom_cannot_be_encoded):
     video = VideoEngine(engine)
     good, bad = clip(engine, seed=3), clip(engine, prompt="boom", seed=4)
     results = video.generate_batch([good, bad])
     assert isinstance(results[1], EngineError) and "cannot encode" in results[1].message
     assert results[0].stages["batch_size"] == 1  # the failed clip left the loop
     assert np.abs(frames(results[0]) - frames(video.generate_batch([good])[0])).max() <= 1
+
+
+def test_out_of_memory_splits_a_batch_of_clips(engine, monkeypatch):
+    sizes = []
+
+    def loop(self, pipe, items, embeds):
+        sizes.append(len(items))  # no batch fits: even one clip runs out of memory
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(VideoEngine, "_loop", loop)
+    results = VideoEngine(engine).generate_batch([clip(engine, seed=s) for s in (1, 2)])
+    assert sizes == [2, 1, 1]
+    for result in results:
+        assert isinstance(result, EngineError)
+        assert result.message == "Out of GPU memory: try a smaller size or fewer frames"
 
 
 def test_nan_in_one_clip_fails_only_that_clip(engine):

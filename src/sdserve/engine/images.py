@@ -312,9 +312,9 @@ class ImageEngine:
 def encode_in_groups(
     pipe, prompts: list[tuple[list[str], list[str], int | None]], results: list
 ) -> list[list[tuple[int, dict[str, torch.Tensor]]]]:
-    """Each job's (prompts, negative prompts, clip skip) encoded (A1111 weighting, no 77-token limit), then
-    grouped by embedding shape: long prompts make longer embeddings, and each group is one loop.
-    A job whose prompt cannot be encoded gets its error in `results` and is left out."""
+    """Each job's (prompts, negative prompts, clip skip) encoded (A1111 weighting, no 77-token
+    limit), then grouped by embedding shape: long prompts make longer embeddings, and each group
+    is one loop. A job whose prompt cannot be encoded gets its error in `results`, left out."""
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     for index, (positive, negative, clip_skip) in enumerate(prompts):
         try:
@@ -327,9 +327,12 @@ def encode_in_groups(
     return list(groups.values())
 
 
-def split_on_oom(group: list[tuple[int, dict]], run: Callable[[list], None], results: list) -> None:
+def split_on_oom(
+    group: list[tuple[int, dict]], run: Callable[[list], None], results: list, unit: str = "samples"
+) -> None:
     """`run(group)` as one batch. When the GPU runs out of memory, free it and run each half on
-    its own, down to single jobs. Any other failure fails the group's jobs (in `results`)."""
+    its own, down to single jobs, whose error suggests fewer `unit`. Any other failure fails the
+    group's jobs (in `results`)."""
     try:
         run(group)
         return
@@ -338,10 +341,10 @@ def split_on_oom(group: list[tuple[int, dict]], run: Callable[[list], None], res
         if len(group) > 1:
             log.warning("out of memory with a batch of %d jobs: splitting it", len(group))
             half = len(group) // 2
-            split_on_oom(group[:half], run, results)
-            split_on_oom(group[half:], run, results)
+            split_on_oom(group[:half], run, results, unit)
+            split_on_oom(group[half:], run, results, unit)
             return
-        error = EngineError("Out of GPU memory: try a smaller size or fewer samples")
+        error = EngineError(f"Out of GPU memory: try a smaller size or fewer {unit}")
     except SdserveError as exc:
         error = exc
     except Exception as exc:

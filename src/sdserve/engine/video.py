@@ -132,7 +132,7 @@ class VideoEngine:
             ([i.params.prompt], [i.params.negative_prompt], i.params.clip_skip) for i in items
         ]
         for group in encode_in_groups(pipe, prompts, results):
-            split_on_oom(group, run, results)
+            split_on_oom(group, run, results, unit="frames")
         return results
 
     def _loop_pipeline(self, first: VideoParams) -> DiffusionPipeline:

@@ -76,6 +76,18 @@ def _visible(view: JobView, owner: str | None) -> JobView:
     return view
 
 
+def _finished_values(status: str, result: dict | None, error: str | None, now: float) -> dict:
+    """The columns a job's end writes: its outcome, and its lease let go."""
+    return {
+        "status": status,
+        "result": result,
+        "error": error,
+        "finished_at": now,
+        "lease_owner": None,
+        "lease_expires": None,
+    }
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -478,12 +490,7 @@ class JobStore:
                 update(Job)
                 .where(Job.id == job_id, Job.status == "processing", Job.lease_owner == worker_id)
                 .values(
-                    status="success",
-                    result=result,
-                    error=None,
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires=None,
+                    **_finished_values("success", result, None, now),
                     generation_time=generation_time,
                     step=Job.total_steps,
                 )
@@ -520,12 +527,8 @@ class JobStore:
 
     @staticmethod
     def _finish(job: Job, status: str, result: dict | None, error: str | None, now: float) -> None:
-        job.status = status
-        job.result = result
-        job.error = error
-        job.finished_at = now
-        job.lease_owner = None
-        job.lease_expires = None
+        for name, value in _finished_values(status, result, error, now).items():
+            setattr(job, name, value)
         if job.webhook:
             Session.object_session(job).add(
                 WebhookOutbox(job_id=job.id, url=job.webhook, payload=None, next_at=now)
