@@ -12,6 +12,7 @@ import torch
 from conftest import ADMIN_KEY, ServerProcess, decode_png, png_bytes
 from PIL import Image
 
+from sdserve.engine.base import Runtime
 from sdserve.engine.images import BatchItem, ImageEngine, ImageResult
 from sdserve.engine.registry import ModelRegistry
 from sdserve.engine.video import VideoEngine, VideoItem, VideoResult
@@ -27,22 +28,22 @@ RED = Image.open(__import__("io").BytesIO(png_bytes((64, 64), (200, 40, 40))))
 def engine(tmp_path_factory):
     torch.set_num_threads(1)  # the same kernels for every batch size: pixels comparable
     settings = Settings(data_dir=tmp_path_factory.mktemp("batching"))
-    return ImageEngine(settings, ModelRegistry(settings))
+    return ImageEngine(Runtime.create(settings, ModelRegistry(settings)))
 
 
 @pytest.fixture
 def boom_cannot_be_encoded(monkeypatch):
     """Prompts containing "boom" fail to encode, as a broken prompt would."""
-    from sdserve.engine import images
+    from sdserve.engine import batching
 
-    original = images.encode_prompts
+    original = batching.encode_prompts
 
     def encode(pipe, prompts, negatives, clip_skip):
         if "boom" in prompts[0]:
             raise ValueError("cannot encode this")
         return original(pipe, prompts, negatives, clip_skip)
 
-    monkeypatch.setattr(images, "encode_prompts", encode)
+    monkeypatch.setattr(batching, "encode_prompts", encode)
 
 
 def item(engine, kind="text2img", **change) -> BatchItem:
@@ -167,7 +168,7 @@ def frames(result: VideoResult) -> np.ndarray:
 
 @pytest.mark.parametrize("model_id", ["tiny-sd", "tiny-t2v"])  # AnimateDiff, text-to-video UNet
 def test_batched_clips_match_clips_run_alone(engine, model_id):
-    video = VideoEngine(engine)
+    video = VideoEngine(engine.runtime)
     clips = [
         clip(engine, model_id, prompt="a red fox", seed=1, guidance_scale=7),
         clip(engine, model_id, prompt="a blue whale, ((ocean))", seed=22, guidance_scale=3),
@@ -202,7 +203,7 @@ def test_clips_batch_only_when_they_can_share_a_loop(engine):
 
 
 def test_a_failing_clip_leaves_the_others_intact(engine, boom_cannot_be_encoded):
-    video = VideoEngine(engine)
+    video = VideoEngine(engine.runtime)
     good, bad = clip(engine, seed=3), clip(engine, prompt="boom", seed=4)
     results = video.generate_batch([good, bad])
     assert isinstance(results[1], EngineError) and "cannot encode" in results[1].message
@@ -218,7 +219,7 @@ def test_out_of_memory_splits_a_batch_of_clips(engine, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(VideoEngine, "_loop", loop)
-    results = VideoEngine(engine).generate_batch([clip(engine, seed=s) for s in (1, 2)])
+    results = VideoEngine(engine.runtime).generate_batch([clip(engine, seed=s) for s in (1, 2)])
     assert sizes == [2, 1, 1]
     for result in results:
         assert isinstance(result, EngineError)
@@ -226,7 +227,7 @@ def test_out_of_memory_splits_a_batch_of_clips(engine, monkeypatch):
 
 
 def test_nan_in_one_clip_fails_only_that_clip(engine):
-    video = VideoEngine(engine)
+    video = VideoEngine(engine.runtime)
     calls = []
 
     def poison(_module, _args, output):

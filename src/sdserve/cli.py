@@ -78,10 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from sdserve.api.app import build_state
-    from sdserve.engine.noop import build_engine
-    from sdserve.jobs.webhooks import WebhookDispatcher
-    from sdserve.jobs.worker import Worker
+    from sdserve.api.app import build_state, build_worker, webhook_dispatcher
 
     settings = _settings(args)
     state = build_state(settings)
@@ -91,7 +88,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     webhooks = threading.Thread(
-        target=WebhookDispatcher(settings, state.store, state.storage).run,
+        target=webhook_dispatcher(state).run,
         args=(stop,),
         daemon=True,
     )
@@ -101,13 +98,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         restart.set()
         stop.set()
 
-    worker = Worker(
-        settings,
-        state.store,
-        build_engine(settings, state.registry),
-        state.storage,
-        on_restart=on_restart,
-    )
+    worker = build_worker(state, on_restart=on_restart)
     worker.run(stop)
     webhooks.join(timeout=10)
     if restart.is_set():

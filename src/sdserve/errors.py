@@ -40,6 +40,24 @@ class ValidationFailed(SdserveError):
         self.fields = fields
 
 
+class FieldError(SdserveError):
+    """A problem with one request field, named by `field`: reported like ValidationFailed."""
+
+    http_status = 422
+    field = "body"
+
+    def __init__(self, message: str, *, field: str | None = None, tip: str | None = None):
+        super().__init__(message, tip=tip)
+        if field is not None:
+            self.field = field
+
+
+class ModelMismatch(FieldError):
+    """The model exists but cannot do what the request asks (an SDXL model for AnimateDiff)."""
+
+    field = "model_id"
+
+
 class ModelNotFound(SdserveError):
     http_status = 404
 

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     image_fetch_timeout: float = 15.0
+    # Prompts and negative prompts: longer ones are a validation error (docs/compatibility.md).
+    max_prompt_chars: int = 10_000
+    max_prompt_tokens: int = 1_000  # CLIP tokens; encoded in 75-token chunks
+    job_timeout_seconds: float = 3600.0  # a job running longer fails instead of holding its worker
 
     # Outbound requests to user-given URLs (model downloads, input images): private, loopback and
     # link-local addresses are refused unless allowed, so a request cannot reach the LAN.
@@ -96,6 +100,8 @@ class Settings(BaseSettings):
     )
 
     # Queue and workers
+    # More endpoint families, as "module:attribute" of a sdserve.families.Family (plugins, tests)
+    extra_families: str = ""
     in_process_worker: bool = True
     lease_seconds: float = 30.0
     max_attempts: int = 3

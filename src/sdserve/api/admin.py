@@ -22,8 +22,9 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from sdserve import __version__
-from sdserve.api.envelope import authenticate, read_json_body
-from sdserve.api.images import image_route
+from sdserve.api.deps import authenticate
+from sdserve.api.deps import read_body as read_json_body
+from sdserve.api.envelope import fetch_url
 from sdserve.api.state import ServerState, get_state
 from sdserve.engine import tiny
 from sdserve.engine.imports import offline_message, remove_files
@@ -42,7 +43,6 @@ from sdserve.jobs.catalogue import DuplicateModel
 from sdserve.jobs.keys import Principal
 from sdserve.net import BlockedUrl, acheck_public_url, check_url_syntax
 from sdserve.schemas.models import ImportRequest, parse_load_model
-from sdserve.schemas.responses import fetch_url
 
 router = APIRouter(tags=["enterprise"])
 _LOAD_DATA_FORMAT = "%m/%d/%Y %H:%M:%S"  # the hosted API's `load_data`, e.g. 01/25/2023 11:52:22
@@ -124,7 +124,7 @@ async def _queue_import(
     job = await run_in_threadpool(
         state.store.submit,
         kind="model_load",
-        family="v3",
+        dialect="v3",
         model_id=req.model_id,
         batch_key=f"load|{req.model_id}|{time.time_ns()}",  # never batched
         owner=principal.owner,
@@ -497,8 +497,3 @@ async def update_s3(request: Request):
 async def schedulers_list(request: Request):
     await _caller(request)
     return {"status": "success", "schedulers": list(SUPPORTED_SCHEDULERS)}
-
-
-# Enterprise text2img / img2img / inpaint: the community endpoints, for the admin key.
-for _name, _kind in (("text2img", "text2img"), ("img2img", "img2img"), ("inpaint", "inpaint")):
-    _enterprise(_name)(image_route(_kind, "community", admin_only=True))

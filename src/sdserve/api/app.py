@@ -13,21 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve import __version__
-from sdserve.api import (
-    admin,
-    fetch,
-    images,
-    operations,
-    plans,
-    system,
-    training,
-    utilities,
-    video,
-)
-from sdserve.api.envelope import error_response
+from sdserve.api import admin, fetch, operations, plans, system, training, utilities
+from sdserve.api.envelope import error_response, http_error_body, job_body
+from sdserve.api.families import family_router
 from sdserve.api.state import ServerState
+from sdserve.engine.base import Runtime
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import InvalidRequest, SdserveError
+from sdserve.families import build_engines, registered
 from sdserve.jobs.catalogue import ModelCatalogue
 from sdserve.jobs.control import ControlChannel
 from sdserve.jobs.keys import KeyRing
@@ -59,12 +52,28 @@ def build_state(settings: Settings) -> ServerState:
     )
 
 
+def webhook_dispatcher(state: ServerState) -> WebhookDispatcher:
+    def final_answer(job, base_url, url_of):
+        return job_body(job, None, base_url, url_of)
+
+    return WebhookDispatcher(state.settings, state.store, state.storage, final_answer)
+
+
+def build_worker(state: ServerState, bus: CompletionBus | None = None, on_restart=None) -> Worker:
+    """A worker with every registered family's engine on one device and memory budget."""
+    runtime = Runtime.create(state.settings, state.registry)
+    engines = build_engines(state.settings, runtime)
+    return Worker(
+        state.settings, state.store, state.storage, runtime, engines, bus, on_restart=on_restart
+    )
+
+
 def _start_background(
     state: ServerState, stop: threading.Event
 ) -> tuple[list[threading.Thread], Worker | None]:
     threads = [
         threading.Thread(
-            target=WebhookDispatcher(state.settings, state.store, state.storage).run,
+            target=webhook_dispatcher(state).run,
             args=(stop,),
             name="webhooks",
             daemon=True,
@@ -72,15 +81,7 @@ def _start_background(
     ]
     worker = None
     if state.settings.in_process_worker:
-        from sdserve.engine.noop import build_engine
-
-        worker = Worker(
-            state.settings,
-            state.store,
-            build_engine(state.settings, state.registry),
-            state.storage,
-            state.bus,
-        )
+        worker = build_worker(state, state.bus)
         threads.append(
             threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
         )
@@ -123,8 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
-        message = "Not found" if exc.status_code == 404 else str(exc.detail)
-        body = {"status": "error", "message": message, "messege": message}
+        body = http_error_body(exc.status_code, str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
@@ -138,8 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
         error.http_status = 500
         return error_response(error, settings)
 
-    app.include_router(images.router)
-    app.include_router(video.router)
+    app.include_router(family_router(registered(settings)))
     app.include_router(training.router)
     app.include_router(fetch.router)
     app.include_router(system.router)

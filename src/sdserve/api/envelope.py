@@ -1,25 +1,32 @@
-"""The one place that turns errors into ModelsLab error bodies, and reads bodies and keys the way clients send them."""
+"""The ModelsLab envelope, written in one place: error bodies, job answers (success, processing,
+failed) and plain `ok` answers. It is the only module that writes the wire's `messege`."""
 
 from __future__ import annotations
 
-import json
-import logging
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sdserve.errors import InvalidKey, InvalidRequest, RateLimited, SdserveError, ValidationFailed
-from sdserve.jobs.keys import KeyRing, Principal
+from sdserve.errors import FieldError, RateLimited, SdserveError, ValidationFailed
+from sdserve.jobs.store import JobView, QueueInfo
 from sdserve.settings import Settings
 
-log = logging.getLogger(__name__)
+UrlOf = Callable[[str], str]  # storage key -> public URL
+_DEFAULT_FETCH_PATH = "/api/v3/fetch/{id}"
+_DEFAULT_PROCESSING_MESSAGE = "Try to fetch request after seconds estimated"
+_PROCESSING_TIP = "Your image is processing in background, you can get this image using fetch API"
+
+
+def ok(message: str, **extra: Any) -> dict[str, Any]:
+    return {"status": "success", "message": message, "messege": message, **extra}
 
 
 def error_body(exc: SdserveError) -> dict[str, Any]:
-    if isinstance(exc, ValidationFailed):
+    if isinstance(exc, ValidationFailed | FieldError):
         # Go clients decode `messege` as a field -> list map; JS/Python SDKs read `message` text.
-        body: dict[str, Any] = {"status": "error", "messege": exc.fields, "message": exc.message}
+        fields = exc.fields if isinstance(exc, ValidationFailed) else {exc.field: [exc.message]}
+        body: dict[str, Any] = {"status": "error", "messege": fields, "message": exc.message}
     else:
         body = {"status": "error", "message": exc.message, "messege": exc.message}
     if exc.tip:
@@ -39,53 +46,96 @@ def error_response(exc: SdserveError, settings: Settings) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
-async def read_json_body(request: Request, settings: Settings) -> dict[str, Any]:
-    """The JSON object body, capped at max_body_bytes; an empty body reads as {}."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise _too_large(settings)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > settings.max_body_bytes:
-            raise _too_large(settings)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest(
-            "Invalid API Request",
-            tip="The request body must be valid JSON with Content-Type: application/json.",
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("Invalid API Request", tip="The request body must be a JSON object.")
+def http_error_body(status_code: int, detail: str) -> dict[str, Any]:
+    message = "Not found" if status_code == 404 else detail
+    return {"status": "error", "message": message, "messege": message}
+
+
+# ---- job answers (reference §1.3, §1.4) --------------------------------------------------------
+
+
+def _answer(job: JobView) -> dict[str, Any]:
+    """How the job's dialect is answered, fixed when it was accepted (see submit)."""
+    return job.params.get("answer", {})
+
+
+def fetch_url(base_url: str, job: JobView) -> str:
+    return base_url + _answer(job).get("fetch_path", _DEFAULT_FETCH_PATH).format(id=job.id)
+
+
+def job_meta(job: JobView) -> dict[str, Any]:
+    """The echo of effective parameters: what was fixed at submit, plus what the engine added.
+    Long values the params hold already (the prompt) are stored once, as references."""
+    meta = {
+        key: job.params.get(value["$param"]) if isinstance(value, dict) and "$param" in value else value
+        for key, value in job.params.get("meta", {}).items()
+    }
+    return meta | (job.result or {}).get("meta", {})
+
+
+def success_body(job: JobView, url_of: UrlOf) -> dict[str, Any]:
+    result = job.result or {}
+    output = [url_of(key) for key in result.get("output_keys", [])]
+    body = {
+        "status": "success",
+        "generationTime": round(job.generation_time or 0.0, 3),
+        "id": job.id,
+        "output": output,
+        "proxy_links": output,
+        "nsfw_content_detected": result.get("nsfw_content_detected", False),
+        "webhook_status": "",
+        "tip": "",
+        "meta": job_meta(job),
+        "track_id": job.track_id,
+        # Not in the hosted API: where the time went (seconds).
+        "timings": result.get("timings", {}),
+    }
+    if _answer(job).get("single_output"):  # legacy endpoints answer one URL string
+        body["output"] = output[0] if output else ""
     return body
 
 
-def _too_large(settings: Settings) -> InvalidRequest:
-    exc = InvalidRequest(
-        f"Request body is larger than {settings.max_body_bytes // (1024 * 1024)} MB"
-    )
-    exc.http_status = 413
-    return exc
+def processing_body(job: JobView, info: QueueInfo, base_url: str, url_of: UrlOf) -> dict[str, Any]:
+    message = _answer(job).get("processing_message", _DEFAULT_PROCESSING_MESSAGE)
+    links = [url_of(key) for key in job.params.get("output_keys", [])]
+    return {
+        "status": "processing",
+        "tip": _PROCESSING_TIP,
+        "eta": info.eta,
+        "messege": message,
+        "message": message,
+        "webhook_status": "",
+        "fetch_result": fetch_url(base_url, job),
+        "id": job.id,
+        "output": [],
+        "future_links": links,
+        "proxy_links": links,
+        "meta": job_meta(job),
+        "track_id": job.track_id,
+        # Not in the hosted API; harmless to every client found (reference §1.4).
+        "queue_position": info.position,
+        "progress": {"step": job.step, "total_steps": job.total_steps},
+    }
 
 
-def request_key(request: Request, body: dict[str, Any]) -> str | None:
-    """Body `key` first, then `Authorization: Bearer`, then a `key` header or query parameter."""
-    key = body.get("key")
-    if isinstance(key, str) and key.strip():
-        return key.strip()
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return auth[7:].strip()
-    return request.headers.get("key") or request.query_params.get("key") or None
+def failed_body(job: JobView) -> dict[str, Any]:
+    reason = job.error or "Failed, Try Again"
+    return {
+        "status": "failed",
+        "id": job.id,
+        "messege": reason,
+        "message": reason,
+        "output": [],
+        "tip": "Failed, Try Again",
+        "track_id": job.track_id,
+        "meta": job_meta(job),
+    }
 
 
-def authenticate(request: Request, body: dict[str, Any], keys: KeyRing) -> Principal:
-    principal = keys.authenticate(request_key(request, body))
-    if principal is None:
-        raise InvalidKey()
-    return principal
+def job_body(job: JobView, info: QueueInfo | None, base_url: str, url_of: UrlOf) -> dict[str, Any]:
+    if job.status == "success":
+        return success_body(job, url_of)
+    if job.status == "failed":
+        return failed_body(job)
+    assert info is not None
+    return processing_body(job, info, base_url, url_of)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.envelope import authenticate, read_json_body
-from sdserve.api.serving import job_response
+from sdserve.api.deps import authenticate
+from sdserve.api.deps import read_body as read_json_body
+from sdserve.api.envelope import job_body
 from sdserve.api.state import get_state
+from sdserve.api.submit import job_response
 from sdserve.errors import JobNotFound
-from sdserve.schemas.responses import job_body
 
 router = APIRouter(tags=["fetch"])
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.deps import authenticate
+from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import InvalidKey, InvalidRequest, ValidationFailed
 from sdserve.jobs.keys import Principal

@@ -8,7 +8,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.deps import authenticate
+from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import get_state
 from sdserve.errors import ValidationFailed
 from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
@@ -63,7 +64,7 @@ async def model_reload(request: Request):
     job = await run_in_threadpool(
         state.store.submit,
         kind="model_reload",
-        family="community",
+        dialect="community",
         model_id=source.model_id,
         batch_key=f"reload|{source.model_id}",
         owner=principal.owner,

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.deps import authenticate
+from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import BadImage, ValidationFailed
 from sdserve.jobs.keys import Principal

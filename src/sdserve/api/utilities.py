@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.envelope import authenticate, read_json_body
+from sdserve.api.deps import authenticate
+from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import ServerState, get_state
 from sdserve.engine.prompt_filter import check_prompt
 from sdserve.engine.safety import NsfwChecker

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,24 +17,80 @@ from diffusers import (
     DiffusionPipeline,
 )
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-from sdserve.engine import acceleration
-from sdserve.engine.prompts import encode_prompts
-from sdserve.engine.registry import ModelRegistry, ResidencyCache, free_device_memory
+from sdserve.engine import acceleration, batching
+from sdserve.engine.adapters import apply_loras
+from sdserve.engine.base import EngineJob, EngineOutput, OutputFile, Runtime, StepCallback
+from sdserve.engine.batching import (
+    encode_in_groups,
+    per_sample_guidance,
+    split_on_oom,
+    step_reporters,
+)
 from sdserve.engine.safety import NsfwChecker, replace_nsfw
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
 from sdserve.errors import EngineError, SdserveError
-from sdserve.schemas.images import GenerationParams, normalize_image_request, parse_image_request
-from sdserve.settings import Settings
+from sdserve.media.images import encode_png
 
+log = logging.getLogger(__name__)
+ImageKind = Literal["text2img", "img2img", "inpaint"]
 _TASK_PIPELINES = {
     "text2img": AutoPipelineForText2Image,
     "img2img": AutoPipelineForImage2Image,
     "inpaint": AutoPipelineForInpainting,
 }
 
-StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
-log = logging.getLogger(__name__)
+
+class ImageParams(BaseModel):
+    """What an image job asks of the engine: the effective, typed values (stored on the job)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: ImageKind
+    model_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    samples: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str | None
+    use_karras_sigmas: bool
+    algorithm_type: str | None
+    loras: list[tuple[str, float]] = Field(default_factory=list)
+    embeddings_model: str | None = None
+    clip_skip: int | None = None
+    vae: str | None = None
+    strength: float = 0.7
+    safety_checker: bool = False
+    safety_checker_type: str = "sensitive_content_text"
+
+    @property
+    def batch_key(self) -> str:
+        """Jobs with equal keys can share one denoising loop: the same model, size, steps,
+        scheduler, adapters, VAE and embedding; guidance on or off; img2img strength."""
+        return batching.batch_key(
+            self.kind,
+            self.model_id,
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.use_karras_sigmas,
+            self.algorithm_type,
+            ",".join(f"{name}:{weight:g}" for name, weight in sorted(self.loras)),
+            self.vae,
+            self.embeddings_model,
+            self.guidance_scale > 1,
+            self.strength if self.kind != "text2img" else "",
+        )
+
+    @property
+    def cost(self) -> float:
+        return batching.cost(self.samples, self.steps, self.width, self.height)
 
 
 @dataclass
@@ -50,63 +106,51 @@ class ImageResult:
 class BatchItem:
     """One job of a batch: its parameters, input images and step callback."""
 
-    params: GenerationParams
+    params: ImageParams
     init: Image.Image | None = None
     mask: Image.Image | None = None
     on_step: StepCallback | None = None
 
 
-def per_sample_guidance(unet: torch.nn.Module, scales: list[float]):
-    """Classifier-free guidance with a scale per sample, inside diffusers' own pipelines.
-
-    The pipeline computes uncond + g * (text - uncond) with one g: the largest scale. This hook
-    rescales each sample's (text - uncond) by its own scale / g on the UNet's output first, so the
-    result is uncond + scale_i * (text - uncond) for every sample. Returns the hook handle.
-    """
-    ratio = torch.tensor(scales, dtype=torch.float32) / max(scales)
-
-    def hook(_module, _args, _kwargs, output):
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        uncond, text = sample.chunk(2)  # diffusers puts the unconditional half first
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        weights = ratio.to(device=sample.device, dtype=sample.dtype).view(shape)
-        sample = torch.cat([uncond, uncond + weights * (text - uncond)])
-        if isinstance(output, tuple):
-            return (sample, *output[1:])
-        output.sample = sample
-        return output
-
-    return unet.register_forward_hook(hook, with_kwargs=True)
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class ImageEngine:
     """Owns loaded pipelines. Not thread-safe by design: one worker thread drives one engine."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry):
-        self.settings = settings
-        self.registry = registry
-        self.device = pick_device(settings.device)
-        self.dtype = acceleration.pick_dtype(self.device, settings.gpu_dtype)
-        acceleration.configure_compile_cache(settings)
-        self.cache = ResidencyCache(settings.residency_budget_mb * 1024 * 1024)
-        self._nsfw = NsfwChecker(settings.nsfw_threshold)
+    kinds = ("text2img", "img2img", "inpaint")
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.registry = runtime.registry
+        self.device = runtime.device
+        self.dtype = runtime.dtype
+        self.cache = runtime.cache
+        self._nsfw = NsfwChecker(self.settings.nsfw_threshold)
         self._lock = threading.Lock()
 
     def pipeline(self, model_id: str) -> DiffusionPipeline:
-        source = self.registry.resolve(model_id)
+        return self.runtime.pipeline(model_id)
 
-        def load() -> DiffusionPipeline:
-            pipe = self.registry.load(source, self.device, self.dtype)
-            acceleration.prepare(pipe, self.device, self.settings)
-            return pipe
-
-        return self.cache.get(model_id, load)
+    def run_batch(self, jobs: list[EngineJob]) -> list[EngineOutput | Exception]:
+        items = [
+            BatchItem(
+                ImageParams.model_validate(job.params),
+                job.image("init_image"),
+                job.image("mask_image"),
+                job.events.step,
+            )
+            for job in jobs
+        ]
+        outputs: list[EngineOutput | Exception] = []
+        for result in self.generate_batch(items):
+            if isinstance(result, Exception):
+                outputs.append(result)
+                continue
+            files = [
+                OutputFile(encode_png(image), nsfw)
+                for image, nsfw in zip(result.images, result.nsfw, strict=True)
+            ]
+            outputs.append(EngineOutput(files, result.stages))
+        return outputs
 
     def warm_up(self) -> None:
         """Run the configured buckets once (loads, compiles, CUDA graphs) before serving."""
@@ -114,21 +158,20 @@ class ImageEngine:
             try:
                 model_id, size, steps, batch = bucket.split(":")
                 width, height = (int(v) for v in size.lower().split("x"))
-                body = {
-                    "prompt": "warm-up",
-                    "width": width,
-                    "height": height,
-                    "num_inference_steps": int(steps),
-                    "samples": int(batch),
-                    "enhance_prompt": "no",
-                    "safety_checker": "no",
-                }
-                params = normalize_image_request(
-                    parse_image_request(body),
-                    "text2img",
-                    "community",
-                    self.settings,
+                params = ImageParams(
+                    kind="text2img",
                     model_id=model_id,
+                    prompt="warm-up",
+                    negative_prompt="",
+                    width=width,
+                    height=height,
+                    samples=int(batch),
+                    steps=int(steps),
+                    guidance_scale=7.5,
+                    seed=1,
+                    scheduler=None,
+                    use_karras_sigmas=True,
+                    algorithm_type=None,
                 )
                 started = time.perf_counter()
                 self.generate(params, None, None)
@@ -138,7 +181,7 @@ class ImageEngine:
 
     def generate(
         self,
-        p: GenerationParams,
+        p: ImageParams,
         init_image: Image.Image | None,
         mask_image: Image.Image | None,
         on_step: StepCallback | None = None,
@@ -190,7 +233,7 @@ class ImageEngine:
                 result.scheduler = choice.class_name
         return results
 
-    def _shared_pipeline(self, first: GenerationParams):
+    def _shared_pipeline(self, first: ImageParams):
         """The model with the batch's LoRAs and embedding, a fresh scheduler (they are stateful)
         and the optional VAE; and how long getting the model took."""
         started = time.perf_counter()
@@ -274,19 +317,11 @@ class ImageEngine:
                 width=first.width,
                 height=first.height,
             )
-        marks: list[float] = []
-        reporters = [step_reporter(item.on_step) for item in items]
-
-        def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            marks.append(time.perf_counter())  # the last one is where decoding starts
-            for report in reporters:
-                report(pipe, step_index, timestep, callback_kwargs)
-            return callback_kwargs
-
-        kwargs["callback_on_step_end"] = on_step_end
-        hook = None
-        if len(set(scales)) > 1 and max(scales) > 1:
-            hook = per_sample_guidance(pipe.unet, scales)
+        marks: list[float] = []  # step ends: the last one is where decoding starts
+        kwargs["callback_on_step_end"] = step_reporters(
+            [item.on_step for item in items if item.on_step is not None], marks
+        )
+        hook = per_sample_guidance(pipe.unet, scales)
         started = time.perf_counter()
         try:
             images = pipe(**kwargs).images
@@ -309,130 +344,5 @@ class ImageEngine:
         done.add(embedding_id)
 
 
-def encode_in_groups(
-    pipe, prompts: list[tuple[list[str], list[str], int | None]], results: list
-) -> list[list[tuple[int, dict[str, torch.Tensor]]]]:
-    """Each job's (prompts, negative prompts, clip skip) encoded (A1111 weighting, no 77-token
-    limit), then grouped by embedding shape: long prompts make longer embeddings, and each group
-    is one loop. A job whose prompt cannot be encoded gets its error in `results`, left out."""
-    groups: dict[tuple, list[tuple[int, dict]]] = {}
-    for index, (positive, negative, clip_skip) in enumerate(prompts):
-        try:
-            embeds = encode_prompts(pipe, positive, negative, clip_skip)
-        except Exception as exc:
-            results[index] = EngineError(f"Prompt could not be encoded: {exc}")
-            continue
-        shape = tuple(tuple(t.shape[1:]) for t in embeds.values())
-        groups.setdefault(shape, []).append((index, embeds))
-    return list(groups.values())
-
-
-def split_on_oom(
-    group: list[tuple[int, dict]], run: Callable[[list], None], results: list, unit: str = "samples"
-) -> None:
-    """`run(group)` as one batch. When the GPU runs out of memory, free it and run each half on
-    its own, down to single jobs, whose error suggests fewer `unit`. Any other failure fails the
-    group's jobs (in `results`)."""
-    try:
-        run(group)
-        return
-    except torch.cuda.OutOfMemoryError:
-        free_device_memory()
-        if len(group) > 1:
-            log.warning("out of memory with a batch of %d jobs: splitting it", len(group))
-            half = len(group) // 2
-            split_on_oom(group[:half], run, results, unit)
-            split_on_oom(group[half:], run, results, unit)
-            return
-        error = EngineError(f"Out of GPU memory: try a smaller size or fewer {unit}")
-    except SdserveError as exc:
-        error = exc
-    except Exception as exc:
-        error = EngineError(f"Generation failed: {exc}")
-    for index, _ in group:
-        results[index] = error
-
-
-def apply_loras(
-    pipe: DiffusionPipeline, loras: list[tuple[str, float]], registry: ModelRegistry
-) -> None:
-    """Load each LoRA once per pipeline (kept as a named adapter), then set this job's weights."""
-    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
-    lycoris = pipe.__dict__.setdefault("_sdserve_lycoris", set())
-    wanted = {_adapter_name(lora_id): registry.resolve_lora(lora_id) for lora_id, _ in loras}
-    wanted_lycoris = {name for name, path in wanted.items() if _lycoris_kind(path)}
-    if (lycoris or wanted_lycoris) and loaded - set(wanted):
-        # PEFT cannot stack LoRA and LoHa/LoKr layers on one module: start from a clean UNet.
-        pipe.unload_lora_weights()
-        loaded = set()
-        lycoris.clear()
-    if not loras:
-        if loaded:
-            pipe.disable_lora()
-        return
-    for name, path in wanted.items():
-        if name in loaded:
-            continue
-        try:
-            if name in wanted_lycoris:
-                _load_lycoris(pipe, path, name)
-                lycoris.add(name)
-            else:
-                pipe.load_lora_weights(str(path), adapter_name=name)
-        except Exception as exc:
-            raise EngineError(f"LoRA {path.stem} could not be loaded: {exc}") from exc
-    pipe.enable_lora()
-    pipe.set_adapters(list(wanted), adapter_weights=[strength for _, strength in loras])
-
-
-def _lycoris_kind(path) -> str | None:
-    """loha / lokr for LyCORIS adapters trained here (PEFT layout), else None."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get("sdserve_adapter")
-    except Exception:  # not safetensors: let load_lora_weights say what is wrong
-        return None
-    return kind if kind in ("loha", "lokr") else None
-
-
-def _load_lycoris(pipe: DiffusionPipeline, path, name: str) -> None:
-    """diffusers' loader reads LoRA only; LoHa / LoKr go in through PEFT's own adapter classes."""
-    from peft import LoHaConfig, LoKrConfig, set_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    state = {
-        k.removeprefix("unet."): v for k, v in load_file(path).items() if k.startswith("unet.")
-    }
-    marker = ".hada_" if metadata["sdserve_adapter"] == "loha" else ".lokr_"
-    targets = sorted({key.split(marker)[0] for key in state})
-    rank = int(metadata["rank"])
-    config_class = LoHaConfig if metadata["sdserve_adapter"] == "loha" else LoKrConfig
-    pipe.unet.add_adapter(
-        config_class(r=rank, alpha=rank, target_modules=targets), adapter_name=name
-    )
-    set_peft_model_state_dict(pipe.unet, state, adapter_name=name)
-
-
-def _adapter_name(lora_id: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in lora_id)
-
-
-def _fit(image: Image.Image, p: GenerationParams) -> Image.Image:
+def _fit(image: Image.Image, p: ImageParams) -> Image.Image:
     return image.convert("RGB").resize((p.width, p.height), Image.LANCZOS)
-
-
-def step_reporter(on_step: StepCallback | None):
-    """A diffusers `callback_on_step_end` that reports (steps done, steps in this run)."""
-
-    def callback(pipe, step_index, _timestep, callback_kwargs):
-        if on_step is not None:
-            total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
-            on_step(step_index + 1, total)
-        return callback_kwargs
-
-    return callback

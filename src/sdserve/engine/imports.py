@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdserve.engine.base import EngineJob, EngineOutput, Runtime
 from sdserve.engine.checkpoints import detect_file_family, load_single_file
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import EngineError, ModelUnavailable
@@ -438,3 +439,41 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 def _require(keys: list[str], fragments: tuple[str, ...], what: str) -> None:
     if not any(fragment in key for key in keys for fragment in fragments):
         raise ImportFailed(f"The file is not {what}: none of its tensors is named like one")
+
+
+class ModelJobsEngine:
+    """Model management as jobs: `model_load` imports a model, `model_reload` makes one resident."""
+
+    kinds = ("model_load", "model_reload")
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.importer = ModelImporter(runtime.settings, runtime.registry)
+
+    def run_batch(self, jobs: list[EngineJob]) -> list[EngineOutput | Exception]:
+        outcomes: list[EngineOutput | Exception] = []
+        for job in jobs:
+            try:
+                outcomes.append(self._run(job))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _run(self, job: EngineJob) -> EngineOutput:
+        if job.kind == "model_reload":
+            self.runtime.pipeline(job.model_id)
+            return EngineOutput([], meta={"model_id": job.model_id})
+        spec = ImportSpec(**job.params["import"])
+        entry = self.importer.run(spec, job.events.step)
+        if spec.replace:  # every worker drops what it loaded under the old files
+            job.events.broadcast("clear_cache")
+        return EngineOutput(
+            [],
+            meta={
+                "model_id": entry.model_id,
+                "model_category": entry.category,
+                "url": entry.url,
+                "sha256": entry.sha256,
+                "size_bytes": entry.size_bytes,
+            },
+        )

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,13 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from PIL import Image, ImageOps
+from pydantic import BaseModel
 from safetensors.torch import save_file
 
+from sdserve.engine.base import EngineJob, EngineOutput, Runtime
 from sdserve.engine.prompts import encode_prompts
 from sdserve.engine.registry import ModelRegistry
-from sdserve.schemas.training import TrainingParams
+from sdserve.errors import EngineError, SdserveError
 from sdserve.settings import Settings
 
 # Attention, feed-forward, projections and resnet convolutions (kohya's "LoCon" set): attention
@@ -43,6 +46,31 @@ _UNET_TARGETS = [
     "conv2",
 ]
 _TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+TrainingKind = Literal["lora", "dreambooth", "sandbox"]
+
+
+class TrainingParams(BaseModel):
+    """Effective, typed parameters of one training run, stored on its job."""
+
+    training_id: str
+    kind: TrainingKind
+    base_model_id: str
+    instance_prompt: str
+    class_prompt: str
+    negative_prompt: str
+    training_type: str
+    lora_type: Literal["lora", "loha", "lokr"]
+    train_text_encoder: bool
+    max_train_steps: int
+    learning_rate_unet: float
+    learning_rate_text_encoder: float
+    steps_text_encoder: int
+    seed: int
+    prior_preservation: bool
+    webhook: str | None
+    image_keys: list[str] = []
 
 
 class TrainingCancelled(Exception):
@@ -378,3 +406,66 @@ def _lora_state(unet, text_encoder) -> dict[str, torch.Tensor]:
             for key, value in kohya.items()
         }
     return state  # LoHa / LoKr: PEFT names; engine.images loads them through PEFT
+
+
+_SANDBOX_STAGES = (
+    ("training_started", "sandbox: no GPU is used, stages are simulated"),
+    ("training_success", "sandbox: simulated training done"),
+    ("trained_model_compressing", "sandbox"),
+    ("trained_model_uploading", "sandbox"),
+    ("trained_model_uploaded", "sandbox"),
+    ("deploying_model", "sandbox"),
+    ("model_ready", "sandbox: no model was made"),
+)
+
+
+class TrainingEngine:
+    """Trainings as jobs: one at a time, each reporting its stages and steps through the job."""
+
+    kinds = ("train_lora", "train_dreambooth", "train_sandbox")
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.trainer = Trainer(runtime.settings, runtime.registry, runtime.device)
+
+    def run_batch(self, jobs: list[EngineJob]) -> list[EngineOutput | Exception]:
+        outcomes: list[EngineOutput | Exception] = []
+        for job in jobs:
+            try:
+                outcomes.append(self._train(job))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _train(self, job: EngineJob) -> EngineOutput:
+        params = TrainingParams.model_validate(job.params)
+        events = job.events
+        try:
+            if job.kind == "train_sandbox":
+                for name, line in _SANDBOX_STAGES:
+                    if events.cancelled():
+                        raise TrainingCancelled()
+                    events.stage(name, line)
+            else:
+                images = [job.image(name) for name in job.inputs.names()]
+                hooks = TrainingHooks(stage=events.stage, step=events.step, cancelled=events.cancelled)
+                workdir = self.settings.data_dir / "training" / params.training_id
+                self.trainer.train(params, images, workdir, hooks)
+                for made in (
+                    self.settings.data_dir / "loras" / f"{params.training_id}.safetensors",
+                    self.settings.models_dir / params.training_id,
+                ):
+                    storage = self.runtime.registry.storage
+                    if made.exists() and storage is not None:  # for workers on other hosts
+                        storage.publish_model_files(made)
+        except TrainingCancelled:
+            events.stage("training_cancelled", "stopped on request")
+            raise EngineError("Training cancelled") from None
+        except Exception as exc:
+            message = (
+                exc.message if isinstance(exc, SdserveError) else f"{type(exc).__name__}: {exc}"
+            )
+            events.stage("training_failed", message)
+            raise
+        return EngineOutput([], meta={"training_id": params.training_id, "model_id": params.training_id})

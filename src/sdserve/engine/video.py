@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,22 +18,92 @@ from diffusers import (
     TextToVideoSDPipeline,
 )
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-from sdserve.engine import tiny
-from sdserve.engine.images import (
-    ImageEngine,
-    StepCallback,
-    apply_loras,
+from sdserve.engine import batching, tiny
+from sdserve.engine.adapters import apply_loras
+from sdserve.engine.base import EngineJob, EngineOutput, OutputFile, Runtime, StepCallback
+from sdserve.engine.batching import (
     encode_in_groups,
     per_sample_guidance,
     split_on_oom,
-    step_reporter,
+    step_reporters,
 )
 from sdserve.engine.prompts import encode_prompts
 from sdserve.engine.registry import free_device_memory
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
-from sdserve.errors import EngineError, SdserveError, ValidationFailed
-from sdserve.schemas.video import VideoParams, runs_together
+from sdserve.errors import EngineError, ModelMismatch, SdserveError
+from sdserve.media.video import decode_video, encode_video
+
+# animatediff: any SD1.5 image model animated by a motion adapter (v4 text2video, v6 text2video);
+# t2v: a text-to-video UNet (ModelScope / Zeroscope layout, v5 text2video); svd: img2video.
+VideoKind = Literal["animatediff", "t2v", "svd"]
+
+
+class VideoParams(BaseModel):
+    """What a video job asks of the engine: the effective, typed values (stored on the job)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: VideoKind
+    model_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str | None
+    strength: float
+    init: Literal["none", "image", "video"] = "none"
+    output_type: str = "mp4"
+    clip_skip: int | None = None
+    loras: list[tuple[str, float]] = Field(default_factory=list)
+    use_improved_sampling: bool = False
+    improved_sampling_seed: int = 42
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+    file_prefix: str  # unique per job: a solo clip's batch key
+    solo: bool = False  # runs in a denoising loop of its own (see runs_together)
+
+    @property
+    def batch_key(self) -> str:
+        """Clips with equal keys can share one denoising loop; a solo clip's key is its own."""
+        if self.solo:
+            return batching.solo_key(self.kind, self.file_prefix)
+        return batching.batch_key(
+            self.kind,
+            self.model_id,
+            self.width,
+            self.height,
+            self.num_frames,
+            self.steps,
+            self.scheduler,
+            ",".join(f"{name}:{weight:g}" for name, weight in sorted(self.loras)),
+            self.guidance_scale > 1,  # guidance on or off
+        )
+
+    @property
+    def cost(self) -> float:
+        return batching.cost(self.num_frames, self.steps, self.width, self.height)
+
+
+def runs_together(p: VideoParams, motion_context_frames: int) -> bool:
+    """Whether a clip can share a denoising loop with others. FreeNoise (clips past the motion
+    adapter's window) and FreeInit work on one prompt; video-to-video and SVD start from images."""
+    if p.kind == "t2v":
+        return True
+    return (
+        p.kind == "animatediff"
+        and p.init == "none"
+        and not p.use_improved_sampling
+        and p.num_frames <= motion_context_frames
+    )
 
 
 @dataclass
@@ -52,32 +123,49 @@ class VideoItem:
 
 
 class VideoEngine:
-    """Shares the image engine's device, registry and residency cache (one GPU, one budget)."""
+    """Shares the worker's device, registry and residency cache (one GPU, one budget)."""
 
-    def __init__(self, images: ImageEngine):
-        self.images = images
-        self.settings = images.settings
-        self.registry = images.registry
+    kinds = ("animatediff", "t2v", "svd")
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.registry = runtime.registry
         self._lock = threading.Lock()
+
+    def run_batch(self, jobs: list[EngineJob]) -> list[EngineOutput | Exception]:
+        items = [VideoItem(VideoParams.model_validate(job.params), None, job.events.step) for job in jobs]
+        for item, job in zip(items, jobs, strict=True):
+            if "init_image" in job.inputs.names():
+                item.init_frames = [job.image("init_image")]
+            elif "init_video" in job.inputs.names():
+                data = job.inputs.read("init_video")
+                item.init_frames = decode_video(data, "init_video", self.settings.max_video_frames)
+        outputs: list[EngineOutput | Exception] = []
+        for item, result in zip(items, self.generate_batch(items), strict=True):
+            if isinstance(result, Exception):
+                outputs.append(result)
+                continue
+            started = time.perf_counter()
+            encoded = encode_video(result.frames, item.params.fps, item.params.output_type)
+            stages = {**result.stages, "encode": time.perf_counter() - started}
+            outputs.append(EngineOutput([OutputFile(encoded)], stages))
+        return outputs
 
     def generate_batch(self, items: list[VideoItem]) -> list[VideoResult | Exception]:
         """Clips with the same batch_key in one denoising loop (AnimateDiff and text-to-video
         UNets); each keeps its prompts, seed and guidance and gets its own result or error.
-        FreeNoise, FreeInit, video-to-video and SVD clips run one loop each."""
+        FreeNoise, FreeInit, video-to-video and SVD clips are solo: a batch of one."""
         with self._lock:
-            context = self.settings.motion_context_frames
-            if all(runs_together(item.params, context) for item in items):
-                return self._together(items)
-            return [self._alone(item) for item in items]
+            if items[0].params.solo:
+                return [self._alone(item) for item in items]
+            return self._together(items)
 
     def _alone(self, item: VideoItem) -> VideoResult | Exception:
         p = item.params
         run = self._svd if p.kind == "svd" else self._animatediff
-        report, marks = step_reporter(item.on_step), []
-
-        def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            marks.append(time.perf_counter())  # the last one is where decoding starts
-            return report(pipe, step_index, timestep, callback_kwargs)
+        marks: list[float] = []  # step ends: the last one is where decoding starts
+        on_step_end = step_reporters([item.on_step] if item.on_step else [], marks)
 
         started = time.perf_counter()
         try:
@@ -153,12 +241,7 @@ class VideoEngine:
         """One denoising loop for several clips: latents [clips, C, frames, h, w]."""
         first = items[0].params
         scales = [item.params.guidance_scale for item in items]
-        reporters = [step_reporter(item.on_step) for item in items]
-
-        def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            for report in reporters:
-                report(pipe, step_index, timestep, callback_kwargs)
-            return callback_kwargs
+        on_step_end = step_reporters([item.on_step for item in items if item.on_step])
 
         kwargs = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
         kwargs.update(
@@ -177,9 +260,7 @@ class VideoEngine:
             )
         else:
             kwargs["callback_on_step_end"] = on_step_end
-        hook = None
-        if len(set(scales)) > 1 and max(scales) > 1:
-            hook = per_sample_guidance(pipe.unet, scales)
+        hook = per_sample_guidance(pipe.unet, scales)
         try:
             return pipe(**kwargs).frames
         finally:
@@ -197,21 +278,21 @@ class VideoEngine:
 
         def load() -> AnimateDiffPipeline:
             source = self.registry.resolve(model_id)
-            base = self.registry.load(source, self.images.device, self.images.dtype)
+            base = self.registry.load(source, self.runtime.device, self.runtime.dtype)
             check_animatable(model_id, base)
             # The built-in tiny adapter fits tiny-shaped UNets (tiny-sd and models made from
             # it); everything else gets the configured SD1.5 adapter.
             tiny_shaped = tuple(base.unet.config.block_out_channels) == tiny.TINY_UNET_CHANNELS
             adapter = tiny.TINY_MOTION_ADAPTER if tiny_shaped else self.settings.motion_adapter
             motion = self.registry.load_motion_adapter(
-                adapter, self.images.device, self.images.dtype
+                adapter, self.runtime.device, self.runtime.dtype
             )
             pipe = AnimateDiffPipeline.from_pipe(base, motion_adapter=motion)
             pipe.set_progress_bar_config(disable=True)
             _encode_with_sdserve_prompts(pipe)
-            return pipe.to(self.images.device, self.images.dtype)
+            return pipe.to(self.runtime.device, self.runtime.dtype)
 
-        return self.images.cache.get(f"{model_id}+animatediff", load)
+        return self.runtime.cache.get(f"{model_id}+animatediff", load)
 
     def _animatediff(self, p: VideoParams, init_frames, callback) -> list[Image.Image]:
         pipe = self.animate_pipeline(p.model_id)
@@ -257,11 +338,9 @@ class VideoEngine:
     # ---- text-to-video UNet (v5; it runs in _together) and decoding ------------------------
 
     def _text_to_video_pipeline(self, model_id: str) -> TextToVideoSDPipeline:
-        pipe = self.images.pipeline(model_id)
+        pipe = self.runtime.pipeline(model_id)
         if not isinstance(pipe, TextToVideoSDPipeline):
-            raise ValidationFailed(
-                {"model_id": [f"Model {model_id} is not a text-to-video model."]}
-            )
+            raise ModelMismatch(f"Model {model_id} is not a text-to-video model.")
         return pipe
 
     def _decode_chunked(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
@@ -282,11 +361,9 @@ class VideoEngine:
     # ---- Stable Video Diffusion (img2video) ------------------------------------------------
 
     def _svd(self, p: VideoParams, init_frames, callback) -> list[Image.Image]:
-        pipe = self.images.pipeline(p.model_id)
+        pipe = self.runtime.pipeline(p.model_id)
         if not isinstance(pipe, StableVideoDiffusionPipeline):
-            raise ValidationFailed(
-                {"model_id": [f"Model {p.model_id} is not an image-to-video model."]}
-            )
+            raise ModelMismatch(f"Model {p.model_id} is not an image-to-video model.")
         image = init_frames[0].resize((p.width, p.height), Image.LANCZOS)
         return pipe(
             image,
@@ -314,12 +391,8 @@ def check_animatable(model_id: str, pipe: DiffusionPipeline) -> None:
         or unet_config is None
         or unet_config.cross_attention_dim == 1024
     ):
-        raise ValidationFailed(
-            {
-                "model_id": [
-                    f"Model {model_id} is not an SD1.5-family model; text2video animates SD1.5 models only."
-                ]
-            }
+        raise ModelMismatch(
+            f"Model {model_id} is not an SD1.5-family model; text2video animates SD1.5 models only."
         )
 
 

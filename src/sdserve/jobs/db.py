@@ -16,7 +16,9 @@ class Job(Base):
     # One id space for every family, so any fetch path finds any job (reference §15.14).
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32))  # text2img | img2img | inpaint | ...
-    family: Mapped[str] = mapped_column(String(32))  # which wire family submitted it
+    # How the submitting era of clients is answered (v3, community, v4video, ...); the column
+    # kept its first name, "family", which now names endpoint families (sdserve.families).
+    dialect: Mapped[str] = mapped_column("family", String(32))
     status: Mapped[str] = mapped_column(
         String(16), default="queued"
     )  # queued|processing|success|failed

@@ -40,7 +40,7 @@ class JobView:
 
     id: int
     kind: str
-    family: str
+    dialect: str
     status: str
     model_id: str
     batch_key: str
@@ -165,7 +165,7 @@ class JobStore:
         self,
         *,
         kind: str,
-        family: str,
+        dialect: str,
         model_id: str,
         batch_key: str,
         owner: str,
@@ -185,7 +185,7 @@ class JobStore:
                 self._insert_job(
                     s,
                     kind=kind,
-                    family=family,
+                    dialect=dialect,
                     model_id=model_id,
                     batch_key=batch_key,
                     owner=owner,
@@ -197,6 +197,30 @@ class JobStore:
                     queue_limit=queue_limit,
                 )
             )
+
+    def check_limits(
+        self, owner: str, queue_limit: int | None, key_id: int | None, quota: int | None
+    ) -> None:
+        """Refuse now what `submit` would refuse (queue full, month used up), before a request
+        does any work on its inputs. `submit` checks again, in its own transaction."""
+        with self.session() as s:
+            if queue_limit is not None:
+                waiting = s.scalar(
+                    select(func.count(Job.id)).where(
+                        Job.owner == owner, Job.status.in_(("queued", "processing"))
+                    )
+                )
+                if waiting >= queue_limit:
+                    raise RateLimited(queue_limit)
+            if key_id is not None and quota is not None:
+                period = time.strftime("%Y-%m", time.gmtime())
+                used = s.scalar(
+                    select(KeyUsage.requests).where(
+                        KeyUsage.key_id == key_id, KeyUsage.period == period
+                    )
+                )
+                if (used or 0) >= quota:
+                    raise QuotaExceeded(quota)
 
     def _count_request(self, s: Session, key_id: int, quota: int | None) -> None:
         """Count one accepted request against the key's month; refuse it past the quota."""
@@ -231,7 +255,7 @@ class JobStore:
         with self.session(write=True) as s:
             job = Job(
                 kind=kind,
-                family="v3",
+                dialect="v3",
                 status="success",
                 model_id="",
                 batch_key=kind,
@@ -383,6 +407,7 @@ class JobStore:
         prefer_window: float = 2.0,
         max_cost: float | None = None,
         batch_key: str | None = None,
+        kinds: list[str] | None = None,
     ) -> list[JobView]:
         """Lease the oldest claimable job and up to `max_size - 1` more with the same batch_key.
 
@@ -390,7 +415,8 @@ class JobStore:
         passes the models it has `resident`: jobs for those come first, unless an older job has
         waited longer than `prefer_window` seconds (no job starves behind a busy model).
         The batch stops before its summed cost passes `max_cost` (its first job always goes).
-        With `batch_key`, only jobs of that key are claimed (to grow a batch in hand).
+        With `batch_key`, only jobs of that key are claimed (to grow a batch in hand); with
+        `kinds`, only jobs of those kinds (the ones this worker has an engine for).
         """
         now = time.time()
         claimable = (Job.status == "queued") | (
@@ -402,6 +428,8 @@ class JobStore:
             order = [case((warm, 0), else_=1), Job.id]
         if batch_key is not None:
             claimable = claimable & (Job.batch_key == batch_key)
+        if kinds is not None:
+            claimable = claimable & Job.kind.in_(kinds)
         with self.session(write=True) as s:
             first = s.execute(
                 select(Job.id, Job.batch_key, Job.cost)
@@ -620,7 +648,7 @@ class JobStore:
             job = self._insert_job(
                 s,
                 kind=job_kind,
-                family="training",
+                dialect="training",
                 model_id=base_model_id,
                 batch_key=f"train|{training_id}",
                 owner=owner,
@@ -660,14 +688,6 @@ class JobStore:
                 query = query.where(Training.owner == owner)
             return [_training_dict(row) for row in s.scalars(query)]
 
-    def set_training_stage(
-        self, training_id: str, stage: str, line: str, webhook: str | None
-    ) -> None:
-        with self.session(write=True) as s:
-            row = s.get(Training, training_id)
-            if row is not None:
-                self._stage(s, row, stage, line, webhook)
-
     def _stage(self, s: Session, row: Training, stage: str, line: str, webhook: str | None) -> None:
         """Move to a stage, append to the readable log, and owe the webhook that stage."""
         row.stage = stage
@@ -684,6 +704,23 @@ class JobStore:
             }
             self.add_webhook(s, row.job_id, webhook, payload)
 
+    def set_job_stage(self, job_id: int, stage: str, line: str) -> None:
+        """A running job's named stage: trainings record it (and owe its webhook); other jobs
+        have no stages to keep."""
+        with self.session(write=True) as s:
+            row = s.scalar(select(Training).where(Training.job_id == job_id))
+            if row is not None:
+                job = s.get(Job, job_id)
+                self._stage(s, row, stage, line, (job.params or {}).get("webhook"))
+
+    def job_cancelled(self, job_id: int) -> bool:
+        """True once a training's cancel (or delete, which removes its row) was asked for."""
+        with self.session() as s:
+            row = s.execute(
+                select(Training.cancel_requested).where(Training.job_id == job_id)
+            ).first()
+            return row is None or bool(row[0])  # no row: the training was deleted
+
     def request_cancel(self, training_id: str, owner: str) -> dict:
         """Flag a training to stop; a queued one stops now, a running one within a step."""
         training = self.get_training(training_id, owner)
@@ -696,14 +733,6 @@ class JobStore:
                 webhook = (job.params or {}).get("webhook")
                 self._stage(s, row, "training_cancelled", "cancelled before it started", webhook)
         return training
-
-    def training_cancelled(self, training_id: str) -> bool:
-        """True once cancel (or delete, which removes the row) was asked for."""
-        with self.session() as s:
-            flag = s.scalar(
-                select(Training.cancel_requested).where(Training.training_id == training_id)
-            )
-            return flag is None or flag
 
     def delete_training(self, training_id: str, owner: str) -> dict:
         training = self.request_cancel(training_id, owner)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import httpx
 
-from sdserve.jobs.store import JobStore
-from sdserve.schemas.responses import job_body
+from sdserve.jobs.store import JobStore, JobView
 from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
 
@@ -22,10 +22,17 @@ class WebhookDispatcher:
     any other process running a dispatcher.
     """
 
-    def __init__(self, settings: Settings, store: JobStore, storage: StorageRouter):
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        storage: StorageRouter,
+        answer: Callable[[JobView, str, Callable[[str], str]], dict],
+    ):
         self._settings = settings
         self._store = store
         self._storage = storage
+        self._answer = answer  # the job's final answer, as fetch gives it (api.envelope.job_body)
         self._client = httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False)
 
     def _url_of(self, key: str) -> str:
@@ -35,7 +42,7 @@ class WebhookDispatcher:
         due = self._store.claim_webhooks(limit=16, hold_seconds=self._settings.webhook_timeout + 5)
         for outbox_id, url, payload, job in due:
             if payload is None:  # a job's final answer, with links under today's public URL
-                payload = job_body(job, None, self._settings.base_url, self._url_of)
+                payload = self._answer(job, self._settings.base_url, self._url_of)
             status_code, error, ok = None, None, False
             try:
                 response = self._client.post(url, json=payload)

@@ -1,9 +1,9 @@
-"""The worker loop: claim a batch of compatible jobs, run them on the engine, store outputs, finish."""
+"""The worker loop: claim a batch of compatible jobs, hand it to the engine that runs its kind,
+store what comes back and end each job. It holds no code for any one family."""
 
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import os
 import socket
@@ -12,21 +12,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from PIL import Image
-
-from sdserve.engine.images import BatchItem, ImageEngine, ImageResult
-from sdserve.engine.imports import ImportSpec, ModelImporter
-from sdserve.engine.training import Trainer, TrainingCancelled, TrainingHooks
-from sdserve.engine.video import VideoEngine, VideoItem, VideoResult
+from sdserve.engine import batching
+from sdserve.engine.base import Engine, EngineJob, EngineOutput, Runtime
 from sdserve.errors import EngineError, SdserveError, StoreUnavailable
 from sdserve.jobs.control import ControlChannel, WorkerInfo
 from sdserve.jobs.notify import CompletionBus, listen_for_jobs
 from sdserve.jobs.store import JobStore, JobView
-from sdserve.media.images import encode_png
-from sdserve.media.video import decode_video, encode_video
-from sdserve.schemas.images import GenerationParams
-from sdserve.schemas.training import TrainingParams
-from sdserve.schemas.video import VideoParams
 from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
 
@@ -35,19 +26,13 @@ _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
 _MAINTENANCE_INTERVAL = 30.0
 _ADVERTISE_INTERVAL = 5.0
 _BROADCAST_INTERVAL = 0.5
-IMAGE_KINDS = ("text2img", "img2img", "inpaint")
-VIDEO_KINDS = ("animatediff", "t2v", "svd")
-BATCHED_KINDS = IMAGE_KINDS + VIDEO_KINDS
-TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
-_SANDBOX_STAGES = (
-    ("training_started", "sandbox: no GPU is used, stages are simulated"),
-    ("training_success", "sandbox: simulated training done"),
-    ("trained_model_compressing", "sandbox"),
-    ("trained_model_uploading", "sandbox"),
-    ("trained_model_uploaded", "sandbox"),
-    ("deploying_model", "sandbox"),
-    ("model_ready", "sandbox: no model was made"),
-)
+
+
+class JobTimedOut(EngineError):
+    def __init__(self, seconds: float):
+        super().__init__(
+            f"The request ran past the server's time limit of {seconds:g} seconds and was stopped"
+        )
 
 
 class Worker:
@@ -55,19 +40,19 @@ class Worker:
         self,
         settings: Settings,
         store: JobStore,
-        engine: ImageEngine,
         storage: StorageRouter,
+        runtime: Runtime,
+        engines: list[Engine],
         bus: CompletionBus | None = None,
         on_restart: Callable[[], None] | None = None,
     ):
         self.settings = settings
         self.store = store
-        self.engine = engine
-        self.video = VideoEngine(engine)
-        self.trainer = Trainer(settings, engine.registry, engine.device)
-        self.importer = ModelImporter(settings, engine.registry)
-        engine.registry.fetch_missing = True  # model files made on other hosts come from the bucket
         self.storage = storage
+        self.runtime = runtime
+        self.engines = engines
+        self._by_kind = {kind: engine for engine in engines for kind in engine.kinds}
+        runtime.registry.fetch_missing = True  # model files made on other hosts come from the bucket
         self.bus = bus
         self.control = ControlChannel(store)
         # A standalone worker restarts itself on `restart_server`; the API's own worker is
@@ -81,13 +66,15 @@ class Worker:
         self._last_broadcast_check = 0.0
         self._busy = False
         self._current: list[int] = []
+        self._deadline = float("inf")  # when the batch in hand runs out of time
         # Set when there may be work: by the API's bus in-process, by NOTIFY on PostgreSQL.
         self.wake = bus.work_available if bus is not None else threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
-        if hasattr(self.engine, "warm_up"):
-            self.engine.warm_up()
+        for engine in self.engines:
+            if hasattr(engine, "warm_up"):
+                engine.warm_up()
         if not self.store.is_sqlite:
             threading.Thread(
                 target=listen_for_jobs,
@@ -130,9 +117,9 @@ class Worker:
             self._seen_broadcast = broadcast_id
             log.info("worker %s: %s %s", self.worker_id, command, argument)
             if command == "clear_cache":
-                self.engine.cache.clear()
+                self.runtime.cache.clear()
             elif command == "evict":
-                self.engine.cache.evict(argument)
+                self.runtime.cache.evict(argument)
             elif command == "storage":
                 self.storage.reload()
             elif command == "restart" and self.on_restart is not None:
@@ -144,8 +131,8 @@ class Worker:
         if not force and now - self._last_advertised < _ADVERTISE_INTERVAL:
             return
         self._last_advertised = now
-        self._advertised_models = self.engine.cache.loaded()
-        device = self.engine.device
+        self._advertised_models = self.runtime.cache.loaded()
+        device = self.runtime.device
         gpu_name = gpu_memory = None
         if device.type == "cuda":
             import torch
@@ -159,74 +146,136 @@ class Worker:
                 device=str(device),
                 gpu_name=gpu_name,
                 gpu_memory_mb=gpu_memory,
-                resident=self.engine.cache.loaded(),
+                resident=self.runtime.cache.loaded(),
                 state="busy" if self._busy else "idle",
                 last_seen=now,
-                model_loads=self.engine.cache.loads,
+                model_loads=self.runtime.cache.loads,
             )
         )
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Claim and run one batch; return how many jobs it had.
 
-        When `stop` is set mid-batch (SIGTERM, shutdown), the job running finishes and the rest
-        of the batch goes back to the queue at once instead of waiting out its lease.
+        When `stop` is set mid-batch (SIGTERM, shutdown), jobs not started yet go back to the
+        queue at once instead of waiting out their lease.
         """
         self._maintenance()
         settings = self.settings
-        batch = self.store.claim_batch(
-            self.worker_id,
-            settings.max_batch_size,
-            settings.lease_seconds,
-            resident=self.engine.cache.loaded(),
-            max_cost=settings.max_batch_cost,
-        )
+        resident = self.runtime.cache.loaded()
+
+        def claim(*, max_size: int, max_cost: float, batch_key: str | None = None):
+            return self.store.claim_batch(
+                self.worker_id,
+                max_size,
+                settings.lease_seconds,
+                resident=resident,
+                max_cost=max_cost,
+                batch_key=batch_key,
+                kinds=list(self._by_kind),
+            )
+
+        batch = batching.claim_batch(claim, settings)
         if not batch:
             return 0
-        if batch[0].kind in BATCHED_KINDS and settings.batch_window_ms > 0:
-            # Give compatible jobs arriving right now the chance to share the loop.
-            time.sleep(settings.batch_window_ms / 1000)
-            batch += (
-                self.store.claim_batch(
-                    self.worker_id,
-                    settings.max_batch_size - len(batch),
-                    settings.lease_seconds,
-                    max_cost=settings.max_batch_cost - sum(job.cost for job in batch),
-                    batch_key=batch[0].batch_key,
-                )
-                if len(batch) < settings.max_batch_size
-                else []
-            )
         self._busy = True
         self._current = [job.id for job in batch]
+        self._deadline = time.monotonic() + settings.job_timeout_seconds
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(
-            target=self._heartbeat, args=([job.id for job in batch], stop_heartbeat), daemon=True
+            target=self._heartbeat, args=(list(batch), stop_heartbeat), daemon=True
         )
         heartbeat.start()
         try:
-            if batch[0].kind in BATCHED_KINDS:  # the whole batch in one denoising loop
-                self._run_batch(batch)
+            engine = self._by_kind.get(batch[0].kind)
+            if stop is not None and stop.is_set():
+                self.store.requeue([job.id for job in batch], self.worker_id)
+            elif engine is None:  # claims ask for known kinds only; an old row may be another
+                for job in batch:
+                    self._settle(job, _raise(EngineError(f"No engine here runs {job.kind} jobs")))
             else:
-                for index, job in enumerate(batch):
-                    if stop is not None and stop.is_set():
-                        self.store.requeue([j.id for j in batch[index:]], self.worker_id)
-                        break
-                    self._run_job(job)
+                self._run_batch(engine, batch)
         finally:
             stop_heartbeat.set()
             heartbeat.join()
             self._busy = False
             self._current = []
-        self._advertise(force=self.engine.cache.loaded() != self._advertised_models)
+            self._deadline = float("inf")
+        self._advertise(force=self.runtime.cache.loaded() != self._advertised_models)
         return len(batch)
 
-    def _heartbeat(self, job_ids: list[int], stop: threading.Event) -> None:
+    def _heartbeat(self, jobs: list[JobView], stop: threading.Event) -> None:
+        """Renew the batch's lease while it runs; past the time limit, fail its jobs instead
+        (a job that hangs must not hold its worker, nor run again elsewhere)."""
         while not stop.wait(self.settings.lease_seconds / 3):
             try:
-                self.store.heartbeat(self.worker_id, job_ids, self.settings.lease_seconds)
+                if time.monotonic() > self._deadline:
+                    for job in jobs:
+                        error = JobTimedOut(self.settings.job_timeout_seconds)
+                        if self.store.fail(job.id, self.worker_id, error.message):
+                            self._publish(job.id)
+                    return
+                self.store.heartbeat(self.worker_id, [j.id for j in jobs], self.settings.lease_seconds)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def _run_batch(self, engine: Engine, jobs: list[JobView]) -> None:
+        """The batch through its engine; each job ends on its own."""
+        engine_jobs = [
+            EngineJob(
+                id=job.id,
+                kind=job.kind,
+                model_id=job.model_id,
+                params=job.params,
+                inputs=_StoredInputs(self.storage, job.params.get("input_keys", {})),
+                events=_Events(self, job),
+            )
+            for job in jobs
+        ]
+        try:
+            outcomes = engine.run_batch(engine_jobs)
+        except Exception as exc:  # the engine failed outside any one job: fail them all clearly
+            log.exception("batch of %d jobs failed", len(jobs))
+            error = exc if isinstance(exc, SdserveError) else EngineError(f"Generation failed: {exc}")
+            outcomes = [error] * len(jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._settle(job, _raise(outcome))
+            else:
+                self._settle(job, lambda job=job, outcome=outcome: self._store(job, outcome))
+        for job in jobs:  # inputs are kept only while a job may still run
+            self._drop_inputs(job)
+
+    def _store(self, job: JobView, outcome: EngineOutput) -> tuple[dict, float]:
+        """Write the job's files under the names fixed when it was accepted."""
+        started = time.perf_counter()
+        keys = job.params.get("output_keys", [])[: len(outcome.files)]
+        as_text = bool(job.params.get("base64"))
+        for key, file in zip(keys, outcome.files, strict=True):
+            self.storage.put(key, base64.b64encode(file.data) if as_text else file.data)
+        stages = {**outcome.stages, "upload": time.perf_counter() - started}
+        result = {
+            "output_keys": keys,  # URLs are made at answer time, from the API's public URL
+            "meta": outcome.meta,
+            "timings": _timings(job, stages),
+        }
+        if any(file.nsfw for file in outcome.files):
+            result["nsfw_content_detected"] = True
+        elif outcome.files:
+            result["nsfw_content_detected"] = False
+        work = sum(v for k, v in stages.items() if k not in ("batch_size", "model_load"))
+        return result, work
+
+    def _drop_inputs(self, job: JobView) -> None:
+        try:
+            current = self.store.get(job.id)
+        except Exception:
+            return
+        if current.status in ("success", "failed"):
+            for key in job.params.get("input_keys", {}).values():
+                try:
+                    self.storage.delete(key)
+                except Exception:
+                    log.warning("could not delete input %s of job %s", key, job.id)
 
     def _maintenance(self) -> None:
         now = time.time()
@@ -237,24 +286,11 @@ class Worker:
             self._publish(job_id)
         self.storage.delete_older_than("temp", self.settings.temp_ttl_hours * 3600)
 
-    def _run_job(self, job: JobView) -> None:
-        if job.kind == "model_reload":
-            self._settle(job, lambda: self._run_reload_job(job))
-        elif job.kind == "model_load":
-            self._settle(job, lambda: self._run_import_job(job))
-        else:
-            self._settle(job, lambda: self._run_training_job(job))
-
-    def _run_reload_job(self, job: JobView) -> dict:
-        self.engine.pipeline(job.model_id)
-        return {"output_keys": [], "meta": {"model_id": job.model_id}}
-
-    def _settle(self, job: JobView, work: Callable[[], dict], seconds: float = 0.0) -> None:
-        """Run `work` and record how the job ended: its result, or its error. `seconds` is time
-        spent on the job before (a batch's shared denoising loop)."""
-        started = time.perf_counter()
+    def _settle(self, job: JobView, work: Callable[[], tuple[dict, float]]) -> None:
+        """Run `work` (it returns the job's result and the seconds of work it took) and record
+        how the job ended: its result, or its error."""
         try:
-            result = work()
+            result, seconds = work()
         except StoreUnavailable as exc:
             # The database went away mid-job: its lease runs out and it runs again.
             log.warning("job %s interrupted: %s", job.id, exc.message)
@@ -267,8 +303,7 @@ class Worker:
             message = f"Internal error: {type(exc).__name__}: {exc}"
             self._finish(self.store.fail, job.id, self.worker_id, message)
         else:
-            elapsed = seconds + time.perf_counter() - started
-            self._finish(self.store.complete, job.id, self.worker_id, result, elapsed)
+            self._finish(self.store.complete, job.id, self.worker_id, result, seconds)
         self._publish(job.id)
 
     def _finish(self, record, *args) -> bool:
@@ -287,147 +322,14 @@ class Worker:
                 log.warning("job store unavailable; retrying the result of job %s", args[0])
                 time.sleep(1.0)
 
-    def _run_batch(self, jobs: list[JobView]) -> None:
-        """Compatible image or video jobs through one denoising loop; each job ends on its own."""
-        if jobs[0].kind in IMAGE_KINDS:
-            build, generate, store = (
-                self._image_item,
-                self.engine.generate_batch,
-                self._store_images,
-            )
-        else:
-            build, generate, store = self._video_item, self.video.generate_batch, self._store_video
-        items, runnable = [], []
-        for job in jobs:
-            try:
-                items.append(build(job))
-                runnable.append(job)
-            except Exception as exc:  # an unreadable input fails its own job only
-                self._settle(job, _raise(exc))
-        try:
-            outcomes = generate(items) if items else []
-        except Exception as exc:  # the engine failed outside any one job: fail them all clearly
-            log.exception("batch of %d jobs failed", len(items))
-            error = (
-                exc if isinstance(exc, SdserveError) else EngineError(f"Generation failed: {exc}")
-            )
-            outcomes = [error] * len(items)
-        for job, item, outcome in zip(runnable, items, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                self._settle(job, _raise(outcome))
-            else:
-                self._settle(
-                    job,
-                    lambda job=job, item=item, outcome=outcome: store(job, item.params, outcome),
-                    seconds=outcome.pipeline_seconds,
-                )
-
-    def _image_item(self, job: JobView) -> BatchItem:
-        inputs = job.params.get("input_keys", {})
-        return BatchItem(
-            GenerationParams.model_validate(job.params),
-            self._input_image(inputs.get("init_image")),
-            self._input_image(inputs.get("mask_image")),
-            self._progress(job),
-        )
-
-    def _video_item(self, job: JobView) -> VideoItem:
-        inputs = job.params.get("input_keys", {})
-        init_frames = None
-        if "init_image" in inputs:
-            init_frames = [self._input_image(inputs["init_image"])]
-        elif "init_video" in inputs:
-            data = self.storage.get(inputs["init_video"])
-            init_frames = decode_video(data, "init_video", self.settings.max_video_frames)
-        return VideoItem(VideoParams.model_validate(job.params), init_frames, self._progress(job))
-
-    def _store_images(self, job: JobView, params: GenerationParams, outcome: ImageResult) -> dict:
-        started = time.perf_counter()
-        keys = job.params["output_keys"][: len(outcome.images)]
-        for key, image in zip(keys, outcome.images, strict=True):
-            png = encode_png(image)
-            self.storage.put(key, base64.b64encode(png) if params.base64 else png)
-        stages = {**outcome.stages, "upload": time.perf_counter() - started}
-        return {
-            "output_keys": keys,  # URLs are made at answer time, from the API's public URL
-            "meta": dict(job.params.get("meta", {})),
-            "nsfw_content_detected": any(outcome.nsfw),
-            "timings": _timings(job, stages),
-        }
-
-    def _store_video(self, job: JobView, params: VideoParams, outcome: VideoResult) -> dict:
-        started = time.perf_counter()
-        encoded = encode_video(outcome.frames, params.fps, params.output_type)
-        key = job.params["output_keys"][0]
-        self.storage.put(key, base64.b64encode(encoded) if params.base64 else encoded)
-        stages = {**outcome.stages, "upload": time.perf_counter() - started}
-        return {
-            "output_keys": [key],
-            "meta": dict(job.params.get("meta", {})),
-            "timings": _timings(job, stages),
-        }
-
-    def _run_import_job(self, job: JobView) -> dict:
-        spec = ImportSpec(**job.params["import"])
-        entry = self.importer.run(spec, self._progress(job))
-        if spec.replace:  # every worker drops what it loaded under the old files
-            self.control.publish("clear_cache")
-        return {
-            "output_keys": [],
-            "meta": {
-                "model_id": entry.model_id,
-                "model_category": entry.category,
-                "url": entry.url,
-                "sha256": entry.sha256,
-                "size_bytes": entry.size_bytes,
-            },
-        }
-
-    def _run_training_job(self, job: JobView) -> dict:
-        params = TrainingParams.model_validate(job.params)
-        training_id = params.training_id
-
-        def stage(name: str, line: str) -> None:
-            self.store.set_training_stage(training_id, name, line, params.webhook)
-
-        def cancelled() -> bool:
-            return self.store.training_cancelled(training_id)
-
-        try:
-            if job.kind == "train_sandbox":
-                for name, line in _SANDBOX_STAGES:
-                    if cancelled():
-                        raise TrainingCancelled()
-                    stage(name, line)
-                    time.sleep(0.05)
-            else:
-                images = [self._input_image(key) for key in params.image_keys]
-                hooks = TrainingHooks(stage=stage, step=self._progress(job), cancelled=cancelled)
-                workdir = self.settings.data_dir / "training" / training_id
-                self.trainer.train(params, images, workdir, hooks)
-                for made in (
-                    self.settings.data_dir / "loras" / f"{training_id}.safetensors",
-                    self.settings.models_dir / training_id,
-                ):
-                    if made.exists():  # for workers on other hosts
-                        self.storage.publish_model_files(made)
-        except TrainingCancelled:
-            stage("training_cancelled", "stopped on request")
-            raise EngineError("Training cancelled") from None
-        except Exception as exc:
-            message = (
-                exc.message if isinstance(exc, SdserveError) else f"{type(exc).__name__}: {exc}"
-            )
-            stage("training_failed", message)
-            raise
-        return {"output_keys": [], "meta": {"training_id": training_id, "model_id": training_id}}
-
     def _progress(self, job: JobView):
         """A step callback that writes progress (and renews the lease) at most every 0.2 s."""
         last_write = [0.0]
 
         def on_step(done: int, total: int) -> None:
             now = time.monotonic()
+            if now > self._deadline:  # stops the pipeline: the job fails with this error
+                raise JobTimedOut(self.settings.job_timeout_seconds)
             # The last step is not written: completing the job records it.
             if done < total and now - last_write[0] >= _PROGRESS_INTERVAL:
                 last_write[0] = now
@@ -441,11 +343,6 @@ class Worker:
 
         return on_step
 
-    def _input_image(self, key: str | None) -> Image.Image | None:
-        if not key:
-            return None
-        return Image.open(io.BytesIO(self.storage.get(key))).convert("RGB")
-
     def _publish(self, job_id: int) -> None:
         if self.bus is not None:
             self.bus.publish(job_id)
@@ -458,10 +355,42 @@ def _timings(job: JobView, stages: dict[str, float]) -> dict[str, float]:
     return {"queue_wait": round(queue_wait, 4)} | {k: round(v, 4) for k, v in stages.items()}
 
 
-def _raise(exc: Exception) -> Callable[[], dict]:
+def _raise(exc: Exception) -> Callable[[], tuple[dict, float]]:
     """Work that fails with `exc`: settles a job that failed before or inside the batch."""
 
-    def fail() -> dict:
+    def fail() -> tuple[dict, float]:
         raise exc
 
     return fail
+
+
+class _StoredInputs:
+    """A job's input files in storage, read when the engine asks."""
+
+    def __init__(self, storage: StorageRouter, keys: dict[str, str]):
+        self._storage = storage
+        self._keys = keys
+
+    def names(self) -> list[str]:
+        return list(self._keys)
+
+    def read(self, name: str) -> bytes:
+        return self._storage.get(self._keys[name])
+
+
+class _Events:
+    """What a running job tells the worker: steps, stages, and whether it was cancelled."""
+
+    def __init__(self, worker: Worker, job: JobView):
+        self._worker = worker
+        self._job = job
+        self.step = worker._progress(job)
+
+    def stage(self, name: str, line: str) -> None:
+        self._worker.store.set_job_stage(self._job.id, name, line)
+
+    def cancelled(self) -> bool:
+        return self._worker.store.job_cancelled(self._job.id)
+
+    def broadcast(self, command: str, argument: str = "") -> None:
+        self._worker.control.publish(command, argument)

@@ -1,66 +1,61 @@
-"""Wire schemas for the image endpoints (text2img / img2img / inpaint) of every family, and meta."""
+"""Wire schemas for the image endpoints (text2img / img2img / inpaint) of every dialect, and meta."""
 
 from __future__ import annotations
 
-import secrets
-import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from sdserve.engine.images import ImageKind, ImageParams
+from sdserve.engine.prompts import enhance_prompt
+from sdserve.engine.schedulers import resolve_scheduler_name
 from sdserve.errors import ValidationFailed
-from sdserve.schemas.coerce import Flag, Float, FloatList, Int, StrList, Text, yes_no
+from sdserve.schemas import common
+from sdserve.schemas.coerce import Flag, FloatList, StrList, Text, yes_no
+from sdserve.schemas.common import (
+    CommonRequest,
+    Context,
+    Dialect,
+    Input,
+    JobSpec,
+    Route,
+    WireFlags,
+    parse_request,
+)
 from sdserve.settings import Settings
-
-Kind = Literal["text2img", "img2img", "inpaint"]
-# v3: /api/v3/{text2img,...}; community: /api/v3|v4/dreambooth*; images: /api/v6/images/*;
-# realtime: /api/v6/realtime/*
-Family = Literal["v3", "community", "images", "realtime"]
 
 SAFETY_TYPES = ("sensitive_content_text", "blur", "pixelate", "black")
 _HARD_MAX_SIZE = 8192  # above this a size is nonsense, not something to clamp
-_HARD_MAX_STEPS = 1000
 _MIN_SIZE = 64
 
+# v3: /api/v3/{text2img,...}; community: /api/v3|v4/dreambooth*; images: /api/v6/images/*;
+# realtime: /api/v6/realtime/*
+V3 = Dialect("v3", "/api/v3/fetch/{id}", "Try to fetch request after given estimated time")
+COMMUNITY = Dialect("community", "/api/v3/dreambooth/fetch/{id}")
+IMAGES = Dialect("images", "/api/v6/images/fetch/{id}")
+REALTIME = Dialect("realtime", "/api/v6/realtime/fetch/{id}")
 
-class ImageRequest(BaseModel):
-    """Every field any family sends; unknown fields are ignored and null means not given."""
+# Defaults that differ by dialect (reference §3, §6): steps, safety checker, prompt enhancement.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "v3": {"steps": 20, "safety_checker": False, "enhance_prompt": True},
+    "community": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
+    "images": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
+    "realtime": {"steps": 20, "safety_checker": True, "enhance_prompt": False},
+}
 
-    model_config = ConfigDict(extra="ignore")
 
-    key: Text = None
-    model_id: Text = None
-    prompt: Text = None
-    negative_prompt: Text = None
-    width: Int = None
-    height: Int = None
-    samples: Int = None
-    num_inference_steps: Int = None
-    steps: Int = None  # v4/v6 inpaint docs spell it this way
-    guidance_scale: Float = None
-    seed: Int = None
-    scheduler: Text = None
+class ImageRequest(CommonRequest):
+    """Every field any image dialect sends."""
+
+    samples: common.Int = None
     use_karras_sigmas: Flag = None
     algorithm_type: Text = None
-    safety_checker: Flag = None
     safety_checker_type: Text = None
-    enhance_prompt: Flag = None
-    lora_model: StrList = None
     lora: StrList = None  # alias in some v6 examples
     lora_strength: FloatList = None
     embeddings_model: Text = None
     embeddings: Text = None  # v6 name
-    clip_skip: Int = None
     vae: Text = None
-    init_image: Text = None
     mask_image: Text = None
-    strength: Float = None
-    prompt_strength: Float = None  # very old docs' name for strength
-    base64: Flag = None
-    temp: Flag = None
-    instant_response: Flag = None
-    webhook: Text = None
-    track_id: Any = None
+    prompt_strength: common.Float = None  # very old docs' name for strength
     # Accepted and echoed in meta; no effect here (see docs/compatibility.md).
     multi_lingual: Flag = None
     panorama: Flag = None
@@ -71,110 +66,8 @@ class ImageRequest(BaseModel):
     enhance_style: Text = None
 
 
-class GenerationParams(BaseModel):
-    """The effective, typed parameters of one image job, stored on the job row."""
-
-    kind: Kind
-    family: Family
-    model_id: str
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    samples: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    scheduler: str | None
-    use_karras_sigmas: bool
-    algorithm_type: str | None
-    loras: list[tuple[str, float]] = Field(default_factory=list)
-    embeddings_model: str | None = None
-    clip_skip: int | None = None
-    vae: str | None = None
-    strength: float = 0.7
-    init_image: str | None = None  # what the client sent (URL, or "base64" placeholder)
-    mask_image: str | None = None
-    safety_checker: bool
-    safety_checker_type: str
-    enhance_prompt: bool
-    base64: bool
-    temp: bool
-    instant_response: bool
-    file_prefix: str
-    track_id: Any = None
-    webhook: str | None = None
-    echo: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def batch_key(self) -> str:
-        """Jobs with equal keys can share one denoising loop."""
-        return "|".join(
-            map(
-                str,
-                (
-                    self.model_id,
-                    self.kind,
-                    self.width,
-                    self.height,
-                    self.steps,
-                    self.scheduler,
-                    self.use_karras_sigmas,
-                    self.algorithm_type,
-                    # the same adapters, VAE and embeddings; guidance on or off; img2img strength
-                    ",".join(f"{name}:{weight:g}" for name, weight in sorted(self.loras)),
-                    self.vae,
-                    self.embeddings_model,
-                    self.guidance_scale > 1,
-                    self.strength if self.kind != "text2img" else "",
-                ),
-            )
-        )
-
-    @property
-    def cost(self) -> float:
-        """Work units: samples x steps x megapixels relative to 512x512."""
-        return self.samples * self.steps * (self.width * self.height) / (512 * 512)
-
-    def output_names(self) -> list[str]:
-        """File names as the hosted API names them: v3 `{prefix}-{i}`, later `{i}-{prefix}`."""
-        ext = "base64" if self.base64 else "png"
-        if self.family == "v3":
-            return [f"{self.file_prefix}-{i}.{ext}" for i in range(self.samples)]
-        return [f"{i}-{self.file_prefix}.{ext}" for i in range(self.samples)]
-
-    @property
-    def output_folder(self) -> str:
-        return "temp" if self.temp else "generations"
-
-
-def validation_error_map(exc: ValidationError) -> dict[str, list[str]]:
-    fields: dict[str, list[str]] = {}
-    for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "body"
-        message = (
-            err["msg"]
-            if err["type"] in {"integer", "number", "flag", "string"}
-            else (f"The {name} field is invalid.")
-        )
-        fields.setdefault(name, []).append(message)
-    return fields
-
-
 def parse_image_request(body: dict) -> ImageRequest:
-    try:
-        return ImageRequest.model_validate(body)
-    except ValidationError as exc:
-        raise ValidationFailed(validation_error_map(exc)) from None
-
-
-# Defaults that differ by family (reference §3, §6): steps, safety checker, prompt enhancement.
-_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "v3": {"steps": 20, "safety_checker": False, "enhance_prompt": True},
-    "community": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
-    "images": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
-    "realtime": {"steps": 20, "safety_checker": True, "enhance_prompt": False},
-}
+    return parse_request(ImageRequest, body)
 
 
 def _size(name: str, value: int | None, maximum: int, errors: dict) -> int:
@@ -187,13 +80,15 @@ def _size(name: str, value: int | None, maximum: int, errors: dict) -> int:
 
 
 def normalize_image_request(
-    req: ImageRequest, kind: Kind, family: Family, settings: Settings, *, model_id: str
-) -> GenerationParams:
-    """Validate and clamp a wire request into GenerationParams; raise ValidationFailed."""
+    req: ImageRequest, kind: ImageKind, dialect: str, settings: Settings, *, model_id: str
+) -> ImageParams:
+    """Validate and clamp a wire request into the engine's ImageParams; raise ValidationFailed."""
     errors: dict[str, list[str]] = {}
-    defaults = _FAMILY_DEFAULTS[family]
-    if not req.prompt or not req.prompt.strip():
-        errors["prompt"] = ["The prompt field is required."]
+    defaults = _DEFAULTS[dialect]
+    prompt = common.check_prompt(req.prompt, "prompt", settings, errors, required=True)
+    negative = common.check_prompt(
+        req.negative_prompt, "negative_prompt", settings, errors, required=False
+    )
     if kind in ("img2img", "inpaint") and not req.init_image:
         errors["init_image"] = ["The init image field is required."]
     if kind == "inpaint" and not req.mask_image:
@@ -207,13 +102,7 @@ def normalize_image_request(
         errors["samples"] = ["The samples must be at least 1."]
     samples = max(1, min(samples, settings.max_samples))
 
-    steps = req.num_inference_steps if req.num_inference_steps is not None else req.steps
-    steps = defaults["steps"] if steps is None else steps
-    if steps < 1 or steps > _HARD_MAX_STEPS:
-        errors["num_inference_steps"] = [
-            f"The num inference steps must be between 1 and {settings.max_steps}."
-        ]
-    steps = max(1, min(steps, settings.max_steps))
+    steps = common.steps(req.num_inference_steps, req.steps, defaults["steps"], settings, errors)
 
     guidance = 7.5 if req.guidance_scale is None else req.guidance_scale
     if guidance < 0:
@@ -229,21 +118,7 @@ def normalize_image_request(
             f"The safety checker type must be one of: {', '.join(SAFETY_TYPES)}."
         ]
 
-    lora_ids = req.lora_model or req.lora or []
-    strengths = req.lora_strength or []
-    loras = [
-        (
-            lora_id,
-            max(
-                0.0,
-                min(
-                    strengths[i] if i < len(strengths) else (strengths[-1] if strengths else 1.0),
-                    2.0,
-                ),
-            ),
-        )
-        for i, lora_id in enumerate(lora_ids)
-    ]
+    loras = common.loras(req.lora_model or req.lora, req.lora_strength, errors)
 
     clip_skip = req.clip_skip
     if clip_skip is not None:
@@ -251,28 +126,21 @@ def normalize_image_request(
             errors["clip_skip"] = ["The clip skip must be between 1 and 8."]
         clip_skip = max(1, min(clip_skip, 8))
 
-    if req.webhook and not req.webhook.startswith(("http://", "https://")):
-        errors["webhook"] = ["The webhook must be a valid http or https URL."]
-
+    common.check_webhook(req.webhook, errors)
     if errors:
         raise ValidationFailed(errors)
 
-    # null, -1 and 0 all mean "random"; the seed actually used is chosen now and echoed in meta.
-    seed = req.seed if req.seed not in (None, -1, 0) else secrets.randbelow(2**32 - 1) + 1
-    seed = seed % 2**32
-
-    return GenerationParams(
+    return ImageParams(
         kind=kind,
-        family=family,
         model_id=model_id,
-        prompt=req.prompt.strip(),
-        negative_prompt=req.negative_prompt or "",
+        prompt=prompt,
+        negative_prompt=negative,
         width=width,
         height=height,
         samples=samples,
         steps=steps,
         guidance_scale=guidance,
-        seed=seed,
+        seed=common.pick_seed(req.seed),
         scheduler=req.scheduler,
         use_karras_sigmas=True if req.use_karras_sigmas is None else req.use_karras_sigmas,
         algorithm_type=req.algorithm_type if req.algorithm_type not in (None, "", "none") else None,
@@ -281,50 +149,154 @@ def normalize_image_request(
         clip_skip=clip_skip,
         vae=req.vae,
         strength=strength,
-        init_image=_echo_image(req.init_image),
-        mask_image=_echo_image(req.mask_image),
         safety_checker=defaults["safety_checker"]
         if req.safety_checker is None
         else req.safety_checker,
         safety_checker_type=safety_type,
-        enhance_prompt=defaults["enhance_prompt"]
-        if req.enhance_prompt is None
-        else req.enhance_prompt,
-        base64=bool(req.base64),
-        temp=bool(req.temp),
-        instant_response=bool(req.instant_response),
-        file_prefix=str(uuid.uuid4()),
-        track_id=req.track_id,
-        webhook=req.webhook,
-        echo={
-            "multi_lingual": yes_no(bool(req.multi_lingual)),
-            "panorama": yes_no(bool(req.panorama)),
-            "self_attention": yes_no(bool(req.self_attention)),
-            "upscale": req.upscale or "no",
-            "highres_fix": yes_no(bool(req.highres_fix)),
-            "tomesd": yes_no(req.tomesd is not False),
-            "enhance_style": req.enhance_style,
-        },
     )
 
 
-def _echo_image(value: str | None) -> str | None:
-    """URLs are echoed in meta; inline base64 is not (it can be megabytes)."""
-    if value is None:
-        return None
-    return value if value.startswith(("http://", "https://")) else "base64"
+def image_job(kind: ImageKind, dialect: Dialect):
+    """The route handler's work for one (kind, dialect): a wire body to a job spec."""
+
+    def build(body: dict, ctx: Context) -> JobSpec:
+        settings, registry = ctx.settings, ctx.registry
+        req = parse_image_request(body)
+        # Only the community and v6 dialects choose the model; v3 and realtime use the default.
+        chosen = req.model_id if dialect.name in ("community", "images") else None
+        p = normalize_image_request(
+            req, kind, dialect.name, settings, model_id=chosen or settings.default_model
+        )
+        enhance = (
+            _DEFAULTS[dialect.name]["enhance_prompt"]
+            if req.enhance_prompt is None
+            else req.enhance_prompt
+        )
+        if enhance:
+            p.prompt, p.negative_prompt = enhance_prompt(p.prompt, p.negative_prompt)
+
+        # Everything that can be checked before queueing is checked now, so a bad request is
+        # an immediate error, never a failed job.
+        source = registry.resolve(p.model_id, ctx.owner)
+        registry.check_available(source)
+        choice = resolve_scheduler_name(p.scheduler, p.use_karras_sigmas, p.algorithm_type)
+        for lora_id, _ in p.loras:
+            registry.resolve_lora(lora_id)
+        if p.embeddings_model:
+            registry.resolve_embedding(p.embeddings_model)
+        if p.vae:
+            registry.resolve_vae(p.vae)
+
+        inputs = {}
+        if kind != "text2img":
+            inputs["init_image"] = Input(req.init_image)
+        if kind == "inpaint":
+            inputs["mask_image"] = Input(req.mask_image)
+        wire = WireFlags.of(
+            req,
+            enhance_prompt=enhance,
+            init_image=common.echo_url(req.init_image),
+            mask_image=common.echo_url(req.mask_image),
+            multi_lingual=yes_no(bool(req.multi_lingual)),
+            panorama=yes_no(bool(req.panorama)),
+            self_attention=yes_no(bool(req.self_attention)),
+            upscale=req.upscale or "no",
+            highres_fix=yes_no(bool(req.highres_fix)),
+            tomesd=yes_no(req.tomesd is not False),
+            enhance_style=req.enhance_style,
+        )
+        model_label = source.location if source.kind == "hub" else p.model_id
+        return JobSpec(
+            kind=kind,
+            model_id=p.model_id,
+            params={**p.model_dump(mode="json"), **wire.stored()},
+            batch_key=p.batch_key,
+            cost=p.cost,
+            total_steps=p.steps,
+            output_names=output_names(p.samples, wire, dialect.name),
+            meta=build_meta(
+                p, wire, dialect=dialect.name, model_label=model_label, scheduler=choice.class_name
+            ),
+            inputs=inputs,
+            webhook=wire.webhook,
+            track_id=wire.track_id,
+            instant_response=wire.instant_response,
+        )
+
+    return build
 
 
-def build_meta(p: GenerationParams, *, model_label: str, scheduler: str) -> dict[str, Any]:
+def output_names(samples: int, w: WireFlags, dialect: str) -> list[str]:
+    """File names as the hosted API names them: v3 `{prefix}-{i}`, later `{i}-{prefix}`."""
+    ext = "base64" if w.base64 else "png"
+    folder = "temp" if w.temp else "generations"
+    if dialect == "v3":
+        return [f"{folder}/{w.file_prefix}-{i}.{ext}" for i in range(samples)]
+    return [f"{folder}/{i}-{w.file_prefix}.{ext}" for i in range(samples)]
+
+
+def _routes() -> list[Route]:
+    routes = []
+    for path, kind, dialect in (
+        ("/api/v3/text2img", "text2img", V3),
+        ("/api/v3/img2img", "img2img", V3),
+        ("/api/v3/inpaint", "inpaint", V3),
+        ("/api/v3/dreambooth", "text2img", COMMUNITY),
+        ("/api/v3/dreambooth/img2img", "img2img", COMMUNITY),
+        ("/api/v3/dreambooth/inpaint", "inpaint", COMMUNITY),
+        ("/api/v4/dreambooth", "text2img", COMMUNITY),
+        ("/api/v4/dreambooth/img2img", "img2img", COMMUNITY),
+        ("/api/v4/dreambooth/inpaint", "inpaint", COMMUNITY),
+        ("/api/v6/images/text2img", "text2img", IMAGES),
+        ("/api/v6/images/img2img", "img2img", IMAGES),
+        ("/api/v6/images/inpaint", "inpaint", IMAGES),
+        ("/api/v6/realtime/text2img", "text2img", REALTIME),
+        ("/api/v6/realtime/img2img", "img2img", REALTIME),
+        ("/api/v6/realtime/inpaint", "inpaint", REALTIME),
+    ):
+        routes.append(
+            Route(
+                path,
+                dialect,
+                image_job(kind, dialect),
+                ImageRequest,
+                summary=f"{kind} ({dialect.name})",
+                tags=(dialect.name,),
+            )
+        )
+    # The enterprise forms: the community endpoints, for the admin key.
+    for kind in ("text2img", "img2img", "inpaint"):
+        for path in (f"/api/v1/enterprise/{kind}", f"/api/v1/enterprise/{{product}}/{kind}"):
+            routes.append(
+                Route(
+                    path,
+                    COMMUNITY,
+                    image_job(kind, COMMUNITY),
+                    ImageRequest,
+                    summary=f"{kind} (enterprise)",
+                    admin_only=True,
+                    tags=("enterprise",),
+                    hidden="{" in path,
+                )
+            )
+    return routes
+
+
+ROUTES = _routes()
+
+
+def build_meta(
+    p: ImageParams, w: WireFlags, *, dialect: str, model_label: str, scheduler: str
+) -> dict[str, Any]:
     """The `meta` echo of effective parameters, in the key style of the job's family (§1.5)."""
     lora = ",".join(lora_id for lora_id, _ in p.loras) or None
     lora_strength = ",".join(f"{s:g}" for _, s in p.loras) or None
-    if p.family == "v3":
+    if dialect == "v3":
         meta = {
             "H": p.height,
             "W": p.width,
             "enable_attention_slicing": "true",
-            "file_prefix": p.file_prefix,
+            "file_prefix": w.file_prefix,
             "guidance_scale": p.guidance_scale,
             "model": model_label,
             "n_samples": p.samples,
@@ -338,16 +310,16 @@ def build_meta(p: GenerationParams, *, model_label: str, scheduler: str) -> dict
             "vae": p.vae or "default",
             "scheduler": scheduler,
         }
-    elif p.family == "realtime":
+    elif dialect == "realtime":
         meta = {
             "width": p.width,
             "height": p.height,
-            "base64": yes_no(p.base64),
-            "enhance_prompt": yes_no(p.enhance_prompt),
-            "enhance_style": p.echo.get("enhance_style"),
-            "file_prefix": p.file_prefix,
+            "base64": yes_no(w.base64),
+            "enhance_prompt": yes_no(w.enhance_prompt),
+            "enhance_style": w.echo.get("enhance_style"),
+            "file_prefix": w.file_prefix,
             "guidance_scale": p.guidance_scale,
-            "instant_response": yes_no(p.instant_response),
+            "instant_response": yes_no(w.instant_response),
             "n_samples": p.samples,
             "negative_prompt": p.negative_prompt,
             "outdir": "out",
@@ -356,9 +328,9 @@ def build_meta(p: GenerationParams, *, model_label: str, scheduler: str) -> dict
             "safety_checker_type": p.safety_checker_type,
             "seed": p.seed,
             "steps": p.steps,
-            "temp": yes_no(p.temp),
-            "track_id": p.track_id,
-            "webhook": p.webhook,
+            "temp": yes_no(w.temp),
+            "track_id": w.track_id,
+            "webhook": w.webhook,
         }
     else:
         meta = {
@@ -374,10 +346,10 @@ def build_meta(p: GenerationParams, *, model_label: str, scheduler: str) -> dict
             "steps": p.steps,
             "n_samples": p.samples,
             "full_url": "no",
-            "upscale": p.echo.get("upscale", "no"),
-            "multi_lingual": p.echo.get("multi_lingual"),
-            "panorama": p.echo.get("panorama"),
-            "self_attention": p.echo.get("self_attention"),
+            "upscale": w.echo.get("upscale", "no"),
+            "multi_lingual": w.echo.get("multi_lingual"),
+            "panorama": w.echo.get("panorama"),
+            "self_attention": w.echo.get("self_attention"),
             "embeddings": p.embeddings_model,
             "lora": lora,
             "lora_strength": lora_strength,
@@ -386,19 +358,19 @@ def build_meta(p: GenerationParams, *, model_label: str, scheduler: str) -> dict
             "use_karras_sigmas": yes_no(p.use_karras_sigmas),
             "algorithm_type": p.algorithm_type or "none",
             "safety_checker_type": p.safety_checker_type,
-            "tomesd": p.echo.get("tomesd"),
-            "enhance_prompt": yes_no(p.enhance_prompt),
-            "instant_response": yes_no(p.instant_response),
-            "temp": yes_no(p.temp),
-            "base64": yes_no(p.base64),
-            "webhook": p.webhook,
-            "track_id": p.track_id,
+            "tomesd": w.echo.get("tomesd"),
+            "enhance_prompt": yes_no(w.enhance_prompt),
+            "instant_response": yes_no(w.instant_response),
+            "temp": yes_no(w.temp),
+            "base64": yes_no(w.base64),
+            "webhook": w.webhook,
+            "track_id": w.track_id,
             "outdir": "out",
-            "file_prefix": p.file_prefix,
+            "file_prefix": w.file_prefix,
         }
     if p.kind != "text2img":
-        meta["init_image"] = p.init_image
+        meta["init_image"] = w.echo.get("init_image")
         meta["strength"] = p.strength
     if p.kind == "inpaint":
-        meta["mask_image"] = p.mask_image
+        meta["mask_image"] = w.echo.get("mask_image")
     return meta

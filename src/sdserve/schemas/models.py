@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sdserve.errors import ValidationFailed
 from sdserve.jobs.catalogue import CATEGORIES
 from sdserve.schemas.coerce import Flag, Text
-from sdserve.schemas.images import validation_error_map
+from sdserve.schemas.common import validation_error_map
 
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _TRAINED_ID = re.compile(r"^[A-Za-z0-9]{10}$")

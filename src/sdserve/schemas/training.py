@@ -5,16 +5,16 @@ from __future__ import annotations
 import re
 import secrets
 import string
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from sdserve.engine.training import TrainingKind, TrainingParams
 from sdserve.errors import ValidationFailed
 from sdserve.schemas.coerce import Flag, Int, Text
-from sdserve.schemas.images import validation_error_map
+from sdserve.schemas.common import validation_error_map
 from sdserve.settings import Settings
 
-TrainingKind = Literal["lora", "dreambooth", "sandbox"]
 TRAINING_TYPES = ("men", "female", "women", "couple", "null")
 # Reference §4.2: learning rates are strings like "1e-6", mantissa 1-6, exponent 0-10.
 _LEARNING_RATE = re.compile(r"^[1-6]e-(?:[0-9]|10)$")
@@ -64,28 +64,6 @@ class TrainingRequest(BaseModel):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
         raise ValueError("images must be a list of URLs or base64 strings")
-
-
-class TrainingParams(BaseModel):
-    """Effective, typed parameters of one training run, stored on its job."""
-
-    training_id: str
-    kind: TrainingKind
-    base_model_id: str
-    instance_prompt: str
-    class_prompt: str
-    negative_prompt: str
-    training_type: str
-    lora_type: Literal["lora", "loha", "lokr"]
-    train_text_encoder: bool
-    max_train_steps: int
-    learning_rate_unet: float
-    learning_rate_text_encoder: float
-    steps_text_encoder: int
-    seed: int
-    prior_preservation: bool
-    webhook: str | None
-    image_keys: list[str] = []
 
 
 def new_training_id() -> str:

@@ -2,132 +2,53 @@
 
 from __future__ import annotations
 
-import secrets
-import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from sdserve.engine.prompts import enhance_prompt
+from sdserve.engine.schedulers import resolve_scheduler_name
+from sdserve.engine.video import VideoKind, VideoParams, runs_together
 from sdserve.errors import ValidationFailed
 from sdserve.media.video import VIDEO_FORMATS
-from sdserve.schemas.coerce import Flag, Float, FloatList, Int, StrList, Text, yes_no
-from sdserve.schemas.images import validation_error_map
+from sdserve.schemas import common
+from sdserve.schemas.coerce import Flag, Float, Int, Text, yes_no
+from sdserve.schemas.common import (
+    CommonRequest,
+    Context,
+    Dialect,
+    Input,
+    JobSpec,
+    Route,
+    WireFlags,
+    parse_request,
+)
 from sdserve.settings import Settings
 
-# animatediff: any SD1.5 image model animated by a motion adapter (v4 text2video, v6 text2video);
-# t2v: a text-to-video UNet (ModelScope / Zeroscope layout, v5 text2video); svd: img2video.
-VideoKind = Literal["animatediff", "t2v", "svd"]
 # v4video: /api/v4/dreambooth/text2video; v5video: /api/v5/text2video; video: /api/v6/video/*
-VideoFamily = Literal["v4video", "v5video", "video", "enterprise"]
+V4VIDEO = Dialect(
+    "v4video", "/api/v3/dreambooth/fetch/{id}", "Try to fetch request after given estimated time"
+)
+V5VIDEO = Dialect("v5video", "/api/v3/fetch/{id}")
+VIDEO = Dialect("video", "/api/v6/video/fetch/{id}")
+ENTERPRISE = Dialect("enterprise", "/api/v1/enterprise/video/fetch/{id}")
 
 
-class VideoRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    key: Text = None
-    model_id: Text = None
-    prompt: Text = None
-    negative_prompt: Text = None
-    width: Int = None
-    height: Int = None
+class VideoRequest(CommonRequest):
     num_frames: Int = None
     seconds: Int = None
     fps: Int = None
-    num_inference_steps: Int = None
-    steps: Int = None
-    guidance_scale: Float = None
-    scheduler: Text = None
-    seed: Int = None
-    strength: Float = None
-    init_image: Text = None
     init_video: Text = None
     output_type: Text = None
-    base64: Flag = None
-    temp: Flag = None
-    instant_response: Flag = None
-    clip_skip: Int = None
-    lora_model: StrList = None
-    lora_strength: FloatList = None
     use_improved_sampling: Flag = None
     improved_sampling_seed: Int = None
-    enhance_prompt: Flag = None
     motion_bucket_id: Int = None
     noise_aug_strength: Float = None
     min_guidance_scale: Float = None
     max_guidance_scale: Float = None
-    webhook: Text = None
-    track_id: Any = None
     multi_lingual: Flag = None
-    safety_checker: Flag = None
     latent_interpolation_method: Text = None
 
 
-class VideoParams(BaseModel):
-    """The effective, typed parameters of one video job, stored on the job row."""
-
-    kind: VideoKind
-    family: VideoFamily
-    model_id: str
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_frames: int
-    fps: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    scheduler: str | None
-    strength: float
-    init: Literal["none", "image", "video"] = "none"
-    output_type: str
-    base64: bool
-    temp: bool
-    instant_response: bool
-    clip_skip: int | None = None
-    loras: list[tuple[str, float]] = Field(default_factory=list)
-    use_improved_sampling: bool = False
-    improved_sampling_seed: int = 42
-    motion_bucket_id: int = 127
-    noise_aug_strength: float = 0.02
-    min_guidance_scale: float = 1.0
-    max_guidance_scale: float = 3.0
-    file_prefix: str
-    track_id: Any = None
-    webhook: str | None = None
-    echo: dict[str, Any] = Field(default_factory=dict)
-    solo: bool = False  # runs in a denoising loop of its own (see runs_together)
-
-    @property
-    def batch_key(self) -> str:
-        """Clips with equal keys can share one denoising loop; a solo clip's key is its own."""
-        if self.solo:
-            return f"video-solo|{self.file_prefix}"
-        fields = (
-            self.model_id,
-            self.kind,
-            self.width,
-            self.height,
-            self.num_frames,
-            self.steps,
-            self.scheduler,
-            ",".join(f"{name}:{weight:g}" for name, weight in sorted(self.loras)),
-            self.guidance_scale > 1,  # guidance on or off
-        )
-        return "video|" + "|".join(map(str, fields))
-
-    @property
-    def cost(self) -> float:
-        """Work units as for images: frames x steps x megapixels relative to 512x512."""
-        return self.num_frames * self.steps * (self.width * self.height) / (512 * 512)
-
-    @property
-    def output_key(self) -> str:
-        ext = "base64" if self.base64 else self.output_type
-        return f"{'temp' if self.temp else 'video_generations'}/{self.file_prefix}.{ext}"
-
-
-# Defaults by family (reference §5): fps, seconds / frames, steps, guidance, size.
+# Defaults by dialect (reference §5): fps, seconds / frames, steps, guidance, size.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "v4video": {"fps": 8, "seconds": 2, "steps": 20, "guidance": 7.5, "size": 512, "type": "mp4"},
     "v5video": {"fps": 8, "seconds": 3, "steps": 20, "guidance": 9.0, "size": 256, "type": "mp4"},
@@ -143,33 +64,19 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def runs_together(p: VideoParams, motion_context_frames: int) -> bool:
-    """Whether a clip can share a denoising loop with others. FreeNoise (clips past the motion
-    adapter's window) and FreeInit work on one prompt; video-to-video and SVD start from images."""
-    if p.kind == "t2v":
-        return True
-    return (
-        p.kind == "animatediff"
-        and p.init == "none"
-        and not p.use_improved_sampling
-        and p.num_frames <= motion_context_frames
-    )
-
-
 def parse_video_request(body: dict) -> VideoRequest:
-    try:
-        return VideoRequest.model_validate(body)
-    except ValidationError as exc:
-        raise ValidationFailed(validation_error_map(exc)) from None
+    return parse_request(VideoRequest, body)
 
 
 def normalize_video_request(
-    req: VideoRequest, kind: VideoKind, family: VideoFamily, settings: Settings, *, model_id: str
+    req: VideoRequest, kind: VideoKind, dialect: str, settings: Settings, *, model_id: str
 ) -> VideoParams:
     errors: dict[str, list[str]] = {}
-    d = _DEFAULTS[family]
-    if kind != "svd" and (not req.prompt or not req.prompt.strip()):
-        errors["prompt"] = ["The prompt field is required."]
+    d = _DEFAULTS[dialect]
+    prompt = common.check_prompt(req.prompt, "prompt", settings, errors, required=kind != "svd")
+    negative = common.check_prompt(
+        req.negative_prompt, "negative_prompt", settings, errors, required=False
+    )
     if kind == "svd" and not req.init_image:
         errors["init_image"] = ["The init image field is required."]
 
@@ -197,51 +104,34 @@ def normalize_video_request(
             errors[name] = [f"The {name} must be between 64 and {settings.max_video_size}."]
         sizes[name] = max(64, min(value, settings.max_video_size)) // 8 * 8
 
-    steps = req.num_inference_steps if req.num_inference_steps is not None else req.steps
-    steps = d["steps"] if steps is None else steps
-    if steps < 1 or steps > 1000:
-        errors["num_inference_steps"] = [
-            f"The num inference steps must be between 1 and {settings.max_steps}."
-        ]
-    steps = max(1, min(steps, settings.max_steps))
+    steps = common.steps(req.num_inference_steps, req.steps, d["steps"], settings, errors)
 
     output_type = (req.output_type or d["type"]).strip().lower()
     if output_type not in VIDEO_FORMATS:
         errors["output_type"] = [f"The output type must be one of: {', '.join(VIDEO_FORMATS)}."]
-    if req.webhook and not req.webhook.startswith(("http://", "https://")):
-        errors["webhook"] = ["The webhook must be a valid http or https URL."]
+    common.check_webhook(req.webhook, errors)
+    loras = common.loras(req.lora_model, req.lora_strength, errors)
     if errors:
         raise ValidationFailed(errors)
 
-    lora_ids = req.lora_model or []
-    strengths = req.lora_strength or []
-    loras = [
-        (lora_id, max(0.0, min(strengths[min(i, len(strengths) - 1)] if strengths else 1.0, 2.0)))
-        for i, lora_id in enumerate(lora_ids)
-    ]
-    seed = req.seed if req.seed not in (None, -1, 0) else secrets.randbelow(2**32 - 1) + 1
     init = "video" if req.init_video else "image" if (req.init_image and kind != "svd") else "none"
     guidance = d["guidance"] if req.guidance_scale is None else req.guidance_scale
     params = VideoParams(
         kind=kind,
-        family=family,
         model_id=model_id,
-        prompt=(req.prompt or "").strip(),
-        negative_prompt=req.negative_prompt or ("low quality" if family != "v4video" else ""),
+        prompt=prompt,
+        negative_prompt=negative or ("low quality" if dialect != "v4video" else ""),
         width=sizes["width"],
         height=sizes["height"],
         num_frames=num_frames,
         fps=fps,
         steps=steps,
         guidance_scale=max(0.0, min(guidance, 30.0)),
-        seed=seed % 2**32,
+        seed=common.pick_seed(req.seed),
         scheduler=req.scheduler,
         strength=0.7 if req.strength is None else max(0.0, min(req.strength, 1.0)),
         init=init,
         output_type=output_type,
-        base64=bool(req.base64),
-        temp=bool(req.temp),
-        instant_response=bool(req.instant_response),
         clip_skip=None if req.clip_skip is None else max(1, min(req.clip_skip, 8)),
         loras=loras,
         use_improved_sampling=bool(req.use_improved_sampling),
@@ -254,27 +144,127 @@ def normalize_video_request(
         else max(0.0, min(req.noise_aug_strength, 1.0)),
         min_guidance_scale=1.0 if req.min_guidance_scale is None else req.min_guidance_scale,
         max_guidance_scale=3.0 if req.max_guidance_scale is None else req.max_guidance_scale,
-        file_prefix=str(uuid.uuid4()),
-        track_id=req.track_id,
-        webhook=req.webhook,
-        echo={
-            "multi_lingual": yes_no(bool(req.multi_lingual)),
-            "safetychecker": yes_no(bool(req.safety_checker)),
-            "enhance_prompt": yes_no(bool(req.enhance_prompt)),
-            "latent_interpolation_method": req.latent_interpolation_method or "lerp",
-        },
+        file_prefix=common.new_file_prefix(),
     )
     params.solo = not runs_together(params, settings.motion_context_frames)
     return params
 
 
-def build_video_meta(p: VideoParams, *, scheduler: str) -> dict[str, Any]:
+def video_job(dialect: Dialect, *, image_to_video: bool = False):
+    """The route handler's work for one (dialect, text or image to video): body to job spec."""
+
+    def build(body: dict, ctx: Context) -> JobSpec:
+        settings, registry = ctx.settings, ctx.registry
+        req = parse_video_request(body)
+        if image_to_video:
+            model_id = req.model_id or settings.default_svd_model
+        elif dialect.name in ("v4video", "enterprise"):
+            if not req.model_id:
+                raise ValidationFailed({"model_id": ["The model id field is required."]})
+            model_id = req.model_id
+        else:
+            model_id = req.model_id or settings.default_t2v_model
+
+        source = registry.resolve(model_id, ctx.owner)
+        registry.check_available(source)
+        kind = _video_kind(model_id, registry.family(source), image_to_video)
+        p = normalize_video_request(req, kind, dialect.name, settings, model_id=model_id)
+        if req.enhance_prompt and p.prompt:
+            p.prompt, p.negative_prompt = enhance_prompt(p.prompt, p.negative_prompt)
+        choice = resolve_scheduler_name(p.scheduler, None, None)
+        for lora_id, _ in p.loras:
+            registry.resolve_lora(lora_id)
+
+        inputs = {}
+        if kind == "svd" or (req.init_image and not req.init_video):
+            inputs["init_image"] = Input(req.init_image)
+        elif req.init_video:
+            inputs["init_video"] = Input(req.init_video, "video")
+        wire = WireFlags.of(
+            req,
+            multi_lingual=yes_no(bool(req.multi_lingual)),
+            safetychecker=yes_no(bool(req.safety_checker)),
+            enhance_prompt=yes_no(bool(req.enhance_prompt)),
+            latent_interpolation_method=req.latent_interpolation_method or "lerp",
+        )
+        wire.file_prefix = p.file_prefix
+        ext = "base64" if wire.base64 else p.output_type
+        folder = "temp" if wire.temp else "video_generations"
+        return JobSpec(
+            kind=kind,
+            model_id=model_id,
+            params={**p.model_dump(mode="json"), **wire.stored()},
+            batch_key=p.batch_key,
+            cost=p.cost,
+            total_steps=p.steps,
+            output_names=[f"{folder}/{p.file_prefix}.{ext}"],
+            meta=build_video_meta(p, wire, dialect=dialect.name, scheduler=choice.class_name),
+            inputs=inputs,
+            webhook=wire.webhook,
+            track_id=wire.track_id,
+            instant_response=wire.instant_response,
+        )
+
+    return build
+
+
+def _video_kind(model_id: str, architecture: str | None, image_to_video: bool) -> VideoKind:
+    if image_to_video:
+        if architecture not in (None, "svd"):
+            raise ValidationFailed(
+                {"model_id": [f"Model {model_id} is not an image-to-video (SVD) model."]}
+            )
+        return "svd"
+    if architecture == "t2v":
+        return "t2v"
+    if architecture in ("sdxl", "sd2", "svd"):
+        raise ValidationFailed(
+            {
+                "model_id": [
+                    f"Model {model_id} is not an SD1.5-family model; text2video animates SD1.5 models only."
+                ]
+            }
+        )
+    return "animatediff"  # sd15, or a single file checked when it loads
+
+
+def _routes() -> list[Route]:
+    routes = []
+    for path, dialect, i2v, admin_only in (
+        ("/api/v4/dreambooth/text2video", V4VIDEO, False, False),
+        ("/api/v5/text2video", V5VIDEO, False, False),
+        ("/api/v6/video/text2video", VIDEO, False, False),
+        ("/api/v6/video/img2video", VIDEO, True, False),
+        ("/api/v1/enterprise/text2video", ENTERPRISE, False, True),
+        ("/api/v1/enterprise/video/text2video", ENTERPRISE, False, True),
+        ("/api/v1/enterprise/video/img2video", ENTERPRISE, True, True),
+    ):
+        routes.append(
+            Route(
+                path,
+                dialect,
+                video_job(dialect, image_to_video=i2v),
+                VideoRequest,
+                summary=("img2video" if i2v else "text2video") + f" ({dialect.name})",
+                admin_only=admin_only,
+                tags=("video",),
+            )
+        )
+    return routes
+
+
+ROUTES = _routes()
+
+
+def build_video_meta(
+    p: VideoParams, w: WireFlags, *, dialect: str, scheduler: str
+) -> dict[str, Any]:
     """Meta in the seed shape of §5.2 (v4), with the v5 / v6 keys added for those families."""
     meta: dict[str, Any] = {
         "prompt": p.prompt,
         "model_id": p.model_id,
         "scheduler": scheduler,
-        "safetychecker": p.echo.get("safetychecker", "no"),
+        "safetychecker": w.echo.get("safetychecker", "no"),
         "negative_prompt": p.negative_prompt,
         "W": p.width,
         "H": p.height,
@@ -285,26 +275,26 @@ def build_video_meta(p: VideoParams, *, scheduler: str) -> dict[str, Any]:
         "seconds": round(p.num_frames / p.fps, 3)
         if p.num_frames % p.fps
         else p.num_frames // p.fps,
-        "multi_lingual": p.echo.get("multi_lingual", "no"),
+        "multi_lingual": w.echo.get("multi_lingual", "no"),
         "seed": p.seed,
         "outdir": "out",
-        "file_prefix": p.file_prefix,
+        "file_prefix": w.file_prefix,
         "num_frames": p.num_frames,
     }
-    if p.family in ("v5video", "video", "enterprise"):
+    if dialect in ("v5video", "video", "enterprise"):
         meta.update(
             fps=p.fps,
             output_type=p.output_type,
             n_samples=1,
-            instant_response=yes_no(p.instant_response),
-            temp=yes_no(p.temp),
-            base64=yes_no(p.base64),
+            instant_response=yes_no(w.instant_response),
+            temp=yes_no(w.temp),
+            base64=yes_no(w.base64),
             clip_skip=p.clip_skip,
             lora_models=",".join(i for i, _ in p.loras) or None,
             use_improved_sampling=yes_no(p.use_improved_sampling),
             improved_sampling_seed=p.improved_sampling_seed,
-            webhook=p.webhook,
-            track_id=p.track_id,
+            webhook=w.webhook,
+            track_id=w.track_id,
         )
     if p.kind == "svd":
         meta.update(
@@ -312,6 +302,6 @@ def build_video_meta(p: VideoParams, *, scheduler: str) -> dict[str, Any]:
             noise_aug_strength=p.noise_aug_strength,
             min_guidance_scale=p.min_guidance_scale,
             max_guidance_scale=p.max_guidance_scale,
-            latent_interpolation_method=p.echo.get("latent_interpolation_method"),
+            latent_interpolation_method=w.echo.get("latent_interpolation_method"),
         )
     return meta

@@ -1,0 +1,57 @@
+"""The routes of every registered family: each path turns its body into a job spec (the family's
+schema) and submits it; nothing here knows any one family."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.deps import AdminDep, Caller, CallerDep
+from sdserve.api.submit import submit_spec
+from sdserve.families import Family
+from sdserve.schemas.common import Context, Route
+
+
+def family_router(families: tuple[Family, ...]) -> APIRouter:
+    router = APIRouter()
+    for family in families:
+        for route in family.routes:
+            router.add_api_route(
+                route.path,
+                _endpoint(route),
+                methods=["POST"],
+                summary=route.summary,
+                tags=list(route.tags) or [family.name],
+                openapi_extra=_body_schema(route),
+                include_in_schema=not route.hidden,
+            )
+    return router
+
+
+def _endpoint(route: Route):
+    async def submit(found: Caller):
+        state = found.state
+        context = Context(state.settings, state.registry, found.principal.owner)
+        spec = await run_in_threadpool(route.build, found.body, context)
+        return await submit_spec(state, found.principal, spec, route.dialect)
+
+    if route.admin_only:
+
+        async def submit_as_admin(found: AdminDep):
+            return await submit(found)
+
+        return submit_as_admin
+
+    async def submit_as_key(found: CallerDep):
+        return await submit(found)
+
+    return submit_as_key
+
+
+def _body_schema(route: Route) -> dict:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": route.request.model_json_schema()}},
+        }
+    }

@@ -1,0 +1,138 @@
+"""The one way a job enters the queue: a family's job spec is checked against the key's limits,
+its inputs are stored, its row is inserted and the workers are woken; then the answer waits
+briefly for the job to finish (the request-to-job step of every family)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from sdserve.api.envelope import job_body
+from sdserve.api.state import ServerState
+from sdserve.jobs.keys import Principal
+from sdserve.jobs.store import JobView
+from sdserve.media.images import encode_png, load_image_input, read_input_bytes
+from sdserve.media.video import decode_video
+from sdserve.schemas.common import Dialect, JobSpec
+
+_POLL_SECONDS = 0.25  # re-check for workers in other processes, which cannot wake us
+_SHARED_BELOW = 64  # shorter meta strings are not worth a reference
+
+
+async def submit_spec(
+    state: ServerState, principal: Principal, spec: JobSpec, dialect: Dialect
+) -> dict[str, Any]:
+    """Queue the job `spec` describes and answer as its dialect does."""
+    job = await queue_spec(state, principal, spec, dialect)
+    wait = 0.0 if spec.instant_response else state.settings.sync_wait_seconds
+    return await respond_when_done(state, job, wait)
+
+
+async def queue_spec(
+    state: ServerState, principal: Principal, spec: JobSpec, dialect: Dialect
+) -> JobView:
+    if spec.inputs:  # the key's limits first: no input is fetched or stored for a refused job
+        await run_in_threadpool(
+            state.store.check_limits,
+            principal.owner,
+            principal.queue_limit,
+            principal.key_id,
+            principal.monthly_quota,
+        )
+    input_keys = await _store_inputs(state, spec)
+    params = {
+        **spec.params,
+        "meta": _shared_once(spec.meta, spec.params),
+        "output_keys": [state.storage.new_key(name) for name in spec.output_names],
+        "input_keys": input_keys,
+        "answer": {
+            "fetch_path": dialect.fetch_path,
+            "processing_message": dialect.processing_message,
+            "single_output": dialect.single_output,
+        },
+    }
+    try:
+        job = await run_in_threadpool(
+            state.store.submit,
+            kind=spec.kind,
+            dialect=dialect.name,
+            model_id=spec.model_id,
+            batch_key=spec.batch_key,
+            owner=principal.owner,
+            params=params,
+            total_steps=spec.total_steps,
+            cost=spec.cost,
+            track_id=None if spec.track_id is None else str(spec.track_id),
+            webhook=spec.webhook,
+            queue_limit=principal.queue_limit,
+            key_id=principal.key_id,
+            monthly_quota=principal.monthly_quota,
+        )
+    except BaseException:  # refused after all (a race on the limits): leave nothing behind
+        for key in input_keys.values():
+            await run_in_threadpool(state.storage.delete, key)
+        raise
+    state.bus.work_available.set()
+    return job
+
+
+async def _store_inputs(state: ServerState, spec: JobSpec) -> dict[str, str]:
+    """Every input decoded and checked before any is stored, so a bad one leaves nothing."""
+    settings = state.settings
+    decoded: dict[str, tuple[str, bytes]] = {}
+    for name, given in spec.inputs.items():
+        if given.type == "video":
+            data = await read_input_bytes(given.value, name, settings)
+            await run_in_threadpool(decode_video, data, name, settings.max_video_frames)
+            decoded[name] = (name, data)
+        else:
+            image = await load_image_input(given.value, name, settings)
+            decoded[name] = (f"{name}.png", await run_in_threadpool(encode_png, image))
+    folder = state.storage.new_key(f"inputs/{uuid.uuid4().hex}")
+    keys = {}
+    for name, (file_name, data) in decoded.items():
+        keys[name] = f"{folder}/{file_name}"
+        await run_in_threadpool(state.storage.put, keys[name], data)
+    return keys
+
+
+def _shared_once(meta: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Meta with long values the params hold already (the prompt) stored as references, so the
+    job row holds each once; `envelope.job_meta` puts them back."""
+    return {
+        key: {"$param": key}
+        if isinstance(value, str) and len(value) >= _SHARED_BELOW and params.get(key) == value
+        else value
+        for key, value in meta.items()
+    }
+
+
+async def respond_when_done(
+    state: ServerState, job: JobView, wait_seconds: float
+) -> dict[str, Any]:
+    """`success` if the job ends within `wait_seconds`, else `processing` with eta and fetch_result."""
+    deadline = time.monotonic() + wait_seconds
+    event = state.bus.subscribe(job.id)
+    try:
+        while job.status in ("queued", "processing"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or state.shutting_down.is_set():  # a restart answers `processing`
+                break
+            try:
+                await asyncio.wait_for(event.wait(), timeout=min(remaining, _POLL_SECONDS))
+            except TimeoutError:
+                pass
+            event.clear()
+            job = await run_in_threadpool(state.store.get, job.id)
+    finally:
+        state.bus.unsubscribe(job.id, event)
+    return await run_in_threadpool(job_response, state, job)
+
+
+def job_response(state: ServerState, job: JobView) -> dict[str, Any]:
+    info = state.store.queue_info(job) if job.status in ("queued", "processing") else None
+    return job_body(job, info, state.settings.base_url, state.output_url)
