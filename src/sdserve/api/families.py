@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from sdserve.api import fetch
 from sdserve.api.deps import AdminDep, Caller, CallerDep
 from sdserve.api.submit import submit_spec
 from sdserve.families import Family
@@ -13,7 +14,14 @@ from sdserve.schemas.common import Context, Route
 
 
 def family_router(families: tuple[Family, ...]) -> APIRouter:
+    """Every family's routes, and a fetch route at each of its dialects' fetch paths."""
     router = APIRouter()
+    fetch_paths = {r.dialect.fetch_path for f in families for r in f.routes}
+    for path in sorted(fetch_paths - set(fetch.ID_PATHS)):
+        for method in ("POST", "GET"):  # one route per method: each its own operation id
+            router.add_api_route(
+                path, fetch.fetch_by_path, methods=[method], summary="Fetch a job", tags=["fetch"]
+            )
     for family in families:
         for route in family.routes:
             router.add_api_route(

@@ -14,19 +14,13 @@ from sdserve.errors import JobNotFound
 
 router = APIRouter(tags=["fetch"])
 
+# Fetch paths clients use that are no dialect's own (those come with each family's routes,
+# see api/families.py). Every one reaches every job: one id space.
 ID_PATHS = [
-    "/api/v3/fetch/{job_id}",
-    "/api/v3/dreambooth/fetch/{job_id}",
-    "/api/v4/dreambooth/fetch/{job_id}",
-    "/api/v5/fetch/{job_id}",
-    "/api/v5/images/fetch/{job_id}",
-    "/api/v6/images/fetch/{job_id}",
-    "/api/v6/realtime/fetch/{job_id}",
-    "/api/v6/video/fetch/{job_id}",
-    "/api/v6/image_editing/fetch/{job_id}",
-    "/api/v6/3d/fetch/{job_id}",
-    "/api/v1/enterprise/fetch/{job_id}",
-    "/api/v1/enterprise/{product}/fetch/{job_id}",
+    "/api/v4/dreambooth/fetch/{id}",
+    "/api/v5/images/fetch/{id}",
+    "/api/v6/3d/fetch/{id}",
+    "/api/v1/enterprise/{product}/fetch/{id}",
 ]
 REQUEST_ID_PATHS = [
     "/api/v4/dreambooth/fetch",
@@ -56,8 +50,8 @@ async def _fetch(request: Request, raw_id) -> dict:
     return await run_in_threadpool(job_response, state, job)
 
 
-async def fetch_by_path(request: Request, job_id: str):
-    return await _fetch(request, job_id)
+async def fetch_by_path(request: Request, id: str):  # noqa: A002 - the path says {id}
+    return await _fetch(request, id)
 
 
 async def fetch_by_request_id(request: Request):

@@ -20,6 +20,7 @@ from sdserve.errors import JobNotFound, QuotaExceeded, RateLimited, StoreUnavail
 from sdserve.jobs.db import (
     Job,
     KeyUsage,
+    ServerConfig,
     StepTiming,
     Training,
     WebhookDelivery,
@@ -158,6 +159,20 @@ class JobStore:
                 yield session
         except OperationalError as exc:
             raise StoreUnavailable(f"Job store unavailable: {exc.orig}") from exc
+
+    def load_config(self, name: str) -> dict | None:
+        """A server setting saved for every process (the S3 storage of `update_s3`)."""
+        with self.session() as s:
+            row = s.get(ServerConfig, name)
+            return None if row is None else dict(row.value)
+
+    def save_config(self, name: str, value: dict) -> None:
+        with self.session(write=True) as s:
+            row = s.get(ServerConfig, name)
+            if row is None:
+                s.add(ServerConfig(name=name, value=value, updated_at=time.time()))
+            else:
+                row.value, row.updated_at = value, time.time()
 
     # ---- submit and read -------------------------------------------------------------------
 

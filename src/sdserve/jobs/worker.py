@@ -266,6 +266,8 @@ class Worker:
         return result, work
 
     def _drop_inputs(self, job: JobView) -> None:
+        if not job.params.get("input_keys"):
+            return
         try:
             current = self.store.get(job.id)
         except Exception:

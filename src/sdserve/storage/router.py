@@ -10,13 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from sdserve.jobs.db import ServerConfig
-from sdserve.jobs.store import JobStore
 from sdserve.settings import Settings
 from sdserve.storage.local import LocalStorage
 
@@ -28,11 +25,19 @@ MODELS_PREFIX = "models/"  # model files in the bucket, by their path under the 
 _CONFIG_ROW = "s3"
 
 
+class SavedConfig(Protocol):
+    """Where `update_s3` keeps the bucket settings for every process (the job store)."""
+
+    def load_config(self, name: str) -> dict | None: ...
+
+    def save_config(self, name: str, value: dict) -> None: ...
+
+
 class StorageRouter:
-    def __init__(self, settings: Settings, store: JobStore | None = None):
+    def __init__(self, settings: Settings, saved: SavedConfig | None = None):
         self.settings = settings
         self.local = LocalStorage(settings.outputs_dir)
-        self._store = store
+        self._saved = saved
         self._s3: S3Storage | None = None
         self._lock = threading.Lock()
         self.reload()
@@ -56,14 +61,8 @@ class StorageRouter:
 
         candidate = S3Storage(config)
         candidate.check()
-        if self._store is not None:
-            with self._store.session(write=True) as s:
-                row = s.get(ServerConfig, _CONFIG_ROW)
-                value = asdict(config)
-                if row is None:
-                    s.add(ServerConfig(name=_CONFIG_ROW, value=value, updated_at=time.time()))
-                else:
-                    row.value, row.updated_at = value, time.time()
+        if self._saved is not None:
+            self._saved.save_config(_CONFIG_ROW, asdict(config))
         with self._lock:
             self._s3 = candidate
 
@@ -76,15 +75,12 @@ class StorageRouter:
         return {"kind": "s3", **s3.config.redacted()}
 
     def _saved_config(self) -> S3Config | None:
-        if self._store is None:
-            return None
-        with self._store.session() as s:
-            row = s.get(ServerConfig, _CONFIG_ROW)
-        if row is None:
+        value = None if self._saved is None else self._saved.load_config(_CONFIG_ROW)
+        if value is None:
             return None
         from sdserve.storage.s3 import S3Config
 
-        return S3Config(**row.value)
+        return S3Config(**value)
 
     def _env_config(self) -> S3Config | None:
         st = self.settings
