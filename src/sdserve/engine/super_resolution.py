@@ -582,7 +582,7 @@ def imported_weights(registry) -> Callable[[str], Path | None]:
 
 # ---- upscaling ----------------------------------------------------------------------------------
 
-DEFAULT_TILE = 256  # input pixels per tile side: bounds memory (x4plus: ~1.5 GB per 256 tile)
+DEFAULT_TILE = 256  # input pixels per tile side: x4 nets hold 64 x 1024² activations per tile
 TILE_PAD = 16  # context pixels around each tile, cropped off the output
 
 
