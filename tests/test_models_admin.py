@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from sdserve.engine.checkpoints import _vae_to_ldm, export_single_file
+from sdserve.engine.super_resolution import RRDBNet, check_weights_file
 
 GEN = {
     "prompt": "a lighthouse",
@@ -50,6 +51,8 @@ def files(tiny_models_dir, tmp_path_factory):
     dim = pipe.text_encoder.config.hidden_size
     vectors = torch.randn(2, dim, generator=torch.Generator().manual_seed(3)) * 3
     torch.save({"string_to_param": {"*": vectors}, "name": "fox"}, folder / "fox.pt")  # A1111
+    upscaler = RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4)  # RealESRGAN_x2plus's shape
+    torch.save({"params_ema": upscaler.state_dict()}, folder / "x2.pth")  # as BasicSR saves it
     for path in folder.iterdir():
         if path.is_file():
             host.files[path.name] = path.read_bytes()
@@ -215,6 +218,20 @@ def test_embedding_by_url(srv, user, files):
     assert np.abs(plain - styled).mean() > 1.0
 
 
+def test_super_resolution_weights_by_url(srv, files):
+    done = load_and_wait(
+        srv,
+        url=f"{files.url}/files/x2.pth",
+        model_id="RealESRGAN_x2plus",
+        model_category="super_resolution",
+    )
+    assert done["status"] == "success", done
+    assert all_models(srv)["RealESRGAN_x2plus"]["model_category"] == "super_resolution"
+    (stored,) = (srv.data_dir / "imported" / "super_resolution").glob("RealESRGAN_x2plus*")
+    assert check_weights_file(stored).native_scale == 2
+    srv.post("/api/v1/enterprise/delete_model", {"key": ADMIN_KEY, "model_id": "RealESRGAN_x2plus"})
+
+
 def test_interrupted_download_resumes(srv, files):
     done = load_and_wait(
         srv,
@@ -241,6 +258,7 @@ BAD_DOWNLOADS = [
     # a checkpoint whose sizes fit no config it is given
     ("/files/tiny.safetensors", "stable_diffusion", "could not be loaded as sd15"),
     ("/files/style.safetensors", "vae", "not a VAE"),
+    ("/files/style.safetensors", "super_resolution", "Not a Real-ESRGAN model"),
 ]
 
 

@@ -382,6 +382,13 @@ def _check_weights(path: Path, spec: ImportSpec, config: Path | None) -> tuple[P
         _require(keys, _CONTROLNET_KEYS, "a ControlNet")
     elif spec.category == "vae":
         _require(keys, _VAE_KEYS, "a VAE")
+    elif spec.category == "super_resolution":
+        from sdserve.engine.super_resolution import check_weights_file  # torch-heavy; lazy
+
+        try:
+            check_weights_file(path)
+        except Exception as exc:
+            raise ImportFailed(f"Not a Real-ESRGAN model: {exc}") from None
     elif spec.category == "embeddings" and not keys:
         raise ImportFailed("The file holds no tensors: it is not a textual-inversion embedding")
     return path, spec.category

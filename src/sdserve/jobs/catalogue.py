@@ -19,6 +19,7 @@ CATEGORIES = (
     "lora",
     "embeddings",
     "vae",
+    "super_resolution",  # Real-ESRGAN .pth / .safetensors (engine/super_resolution.py)
 )
 
 
