@@ -76,7 +76,6 @@ class Settings(BaseSettings):
     # Prompts and negative prompts: longer ones are a validation error (docs/compatibility.md).
     max_prompt_chars: int = 10_000
     max_prompt_tokens: int = 1_000  # CLIP tokens; encoded in 75-token chunks
-    upscale_tile: int = 512  # super resolution runs on tiles of this many input pixels (0: whole)
     job_timeout_seconds: float = 3600.0  # a job running longer fails instead of holding its worker
 
     # Outbound requests to user-given URLs (model downloads, input images): private, loopback and

@@ -83,7 +83,11 @@ async def submit_training(
         base_model_id=base_model_id,
         instance_prompt=params.instance_prompt,
         owner=principal.owner,
-        params=params.model_dump(mode="json"),
+        # the images are the job's inputs: the engine reads them, the worker deletes them at the end
+        params={
+            **params.model_dump(mode="json"),
+            "input_keys": {f"images[{i}]": key for i, key in enumerate(params.image_keys)},
+        },
         total_steps=params.max_train_steps,
         webhook=params.webhook,
         queue_limit=principal.queue_limit,

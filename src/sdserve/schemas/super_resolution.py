@@ -4,7 +4,13 @@ string), era B (`init_image`, `output[]`), enterprise; Real-ESRGAN models by the
 from __future__ import annotations
 
 from sdserve.engine import batching
-from sdserve.engine.super_resolution import UpscaleParams, check_model_id
+from sdserve.engine.super_resolution import (
+    DEFAULT_MODEL_ID,
+    DEFAULT_TILE,
+    UpscaleParams,
+    check_model_id,
+    require_no_face_enhance,
+)
 from sdserve.errors import ValidationFailed
 from sdserve.schemas import common
 from sdserve.schemas.coerce import Flag, Int, Text, yes_no
@@ -25,7 +31,9 @@ ERA_A_V3 = Dialect("sr_v3", "/api/v3/fetch/{id}", single_output=True)
 ERA_B = Dialect("sr_v6", "/api/v6/image_editing/fetch/{id}")
 ERA_B_V1 = Dialect("sr_v1", "/api/v1/image_editing/fetch/{id}")
 ENTERPRISE = Dialect("sr_enterprise", "/api/v1/enterprise/fetch/{id}", single_output=True)
-_V6_DEFAULT_MODEL = "ultra_resolution"  # era B's default id: the strongest shipped model here
+# Era B's default id, `ultra_resolution`, is a diffusion upscaler with no offline weights; when no
+# id is sent, the strongest shipped model answers instead (docs/compatibility.md).
+_V6_DEFAULT_MODEL = "RealESRGAN_x4plus"
 
 
 class SuperResolutionRequest(CommonRequest):
@@ -46,19 +54,15 @@ def super_resolution_job(dialect: Dialect):
         scale = 4 if req.scale is None else req.scale
         if not 1 <= scale <= 4:
             errors["scale"] = ["The scale must be between 1 and 4."]
-        tile = ctx.settings.upscale_tile if req.tile is None else req.tile
+        tile = DEFAULT_TILE if req.tile is None else req.tile
         if tile < 0 or 0 < tile < 32:
             errors["tile"] = ["The tile must be 0 (no tiling) or at least 32 pixels."]
-        if req.face_enhance:
-            errors["face_enhance"] = [
-                "face_enhance is not available on this server: GFPGAN has no offline weights "
-                "here. Send face_enhance: false."
-            ]
         common.check_webhook(req.webhook, errors)
         if errors:
             raise ValidationFailed(errors)
-        default = _V6_DEFAULT_MODEL if dialect in (ERA_B, ERA_B_V1) else "realesr-general-x4v3"
-        model_id = check_model_id(req.model_id or default, ctx.settings.data_dir)
+        require_no_face_enhance(bool(req.face_enhance))
+        default = _V6_DEFAULT_MODEL if dialect in (ERA_B, ERA_B_V1) else DEFAULT_MODEL_ID
+        model_id = check_model_id(req.model_id or default, ctx.registry)
         p = UpscaleParams(model_id=model_id, scale=scale, tile=tile)
         wire = WireFlags.of(req)
         ext = "base64" if wire.base64 else "png"
