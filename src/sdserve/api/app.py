@@ -24,6 +24,7 @@ from sdserve.api import (
     utilities,
     video,
 )
+from sdserve.api.docs import mount_docs
 from sdserve.api.envelope import error_response
 from sdserve.api.state import ServerState
 from sdserve.engine.registry import ModelRegistry
@@ -116,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.sdserve = state
+    mount_docs(app)  # /docs and /redoc without a CDN
 
     @app.exception_handler(SdserveError)
     async def _sdserve_error(_request: Request, exc: SdserveError):

@@ -26,7 +26,11 @@ async def system_load(request: Request):
 
 
 # model_list `status`: the hosted API's `model_ready` only for models whose weights are here.
-_LIST_STATUS = {"ready": "model_ready", "downloadable": "downloadable", "unavailable": "unavailable"}
+_LIST_STATUS = {
+    "ready": "model_ready",
+    "downloadable": "downloadable",
+    "unavailable": "unavailable",
+}
 
 
 @router.post(
