@@ -63,8 +63,8 @@ def fresh(tmp_path_factory):
 
 
 def _admin_ok(srv: ServerProcess, key: str) -> bool:
-    data = srv.post("/api/v1/enterprise/system_details", {"key": key}).json()
-    return data.get("status") == "success"
+    data = srv.post("/api/v1/enterprise/schedulers_list", {"key": key}).json()
+    return data.get("status") == "success" and bool(data.get("schedulers"))
 
 
 def test_first_start_makes_an_admin_key_that_survives_restarts(fresh):
