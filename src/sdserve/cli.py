@@ -1,4 +1,4 @@
-"""`sdserve serve | worker | keys | models`: the command line."""
+"""`sdserve serve | worker | keys | plans | models`: the command line."""
 
 from __future__ import annotations
 
@@ -36,12 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host=args.host, port=args.port, public_url=args.public_url)
     app = create_app(settings)
-    keys = app.state.sdserve.keys
-    if not settings.admin_key and keys.count() == 0:
-        key = keys.create(label="first key")
-        key_file = settings.data_dir / "first-key.txt"
-        key_file.write_text(key + "\n")
-        print(f"Created a first API key (also saved in {key_file}):\n{key}", flush=True)
+    _first_start_keys(settings, app.state.sdserve.keys)
     state = app.state.sdserve
 
     class Server(uvicorn.Server):
@@ -75,6 +70,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if restart.is_set():
         _reexec()
     return 0
+
+
+def _save_secret(path: Path, secret: str) -> None:
+    """Write a key readable by its owner only (mode 0600, also when the file was there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+    os.chmod(path, 0o600)
+
+
+def _first_start_keys(settings: Settings, keys) -> None:
+    """Without SDSERVE_ADMIN_KEY: an admin key, once; with no keys at all: a first API key."""
+    if settings.admin_key:
+        return
+    if not keys.has_admin_key():
+        admin = keys.create_admin()
+        if admin is not None:
+            admin_file = settings.data_dir / "admin-key.txt"
+            _save_secret(admin_file, admin)
+            print(
+                "Created the admin key (enterprise endpoints such as load_model; shown once, "
+                f"saved in {admin_file}, mode 0600):\n{admin}",
+                flush=True,
+            )
+    if keys.count() == 0:
+        key = keys.create(label="first key")
+        key_file = settings.data_dir / "first-key.txt"
+        _save_secret(key_file, key)
+        print(f"Created a first API key (shown once, saved in {key_file}):\n{key}", flush=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -153,10 +177,16 @@ def cmd_plans(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from sdserve.api.app import build_state
+    """Models and whether each is ready, from the catalogue and the data dir (no torch: quick)."""
+    from sdserve.engine.availability import list_models
+    from sdserve.jobs.catalogue import ModelCatalogue
+    from sdserve.jobs.store import JobStore
 
-    for model in build_state(_settings(args)).registry.list_models():
-        print(f"{model['model_id']}\t{model['source']}")
+    settings = _settings(args)
+    store = JobStore(settings.resolved_database_url)
+    store.create_schema()
+    for model in list_models(settings, ModelCatalogue(store)):
+        print(f"{model['model_id']}\t{model['source']}\t{model['status']}\t{model['note']}")
     return 0
 
 
@@ -184,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--plan", help="a plan made with `sdserve plans set`")
     keys_sub.add_parser("list")
     revoke = keys_sub.add_parser("revoke")
-    revoke.add_argument("key", help="the key, or its 8-character prefix")
+    revoke.add_argument(
+        "key", help="the key, or its 8-character prefix (an older key that starts with - : -- KEY)"
+    )
     for p in (create, keys_sub.choices["list"], revoke):
         p.add_argument("--data-dir")
     keys.set_defaults(func=cmd_keys)
@@ -201,19 +233,45 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir")
     plans.set_defaults(func=cmd_plans)
 
-    models = sub.add_parser("models", help="list models")
+    models = sub.add_parser("models", help="list models and whether each is ready")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    listing = models_sub.add_parser("list")
+    listing = models_sub.add_parser(
+        "list", help="id, source, status (ready | downloadable | unavailable), note"
+    )
     listing.add_argument("--data-dir")
     models.set_defaults(func=cmd_models)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers says, once per image-processor class, that it uses the PIL one because
+    torchvision is not installed. sdserve needs no torchvision, so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+class _DropAlembicContext(logging.Filter):
+    """alembic's two lines per start about the SQL dialect tell a user nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Context impl", "Will assume"))
+
+
+def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin
+    logging.getLogger("alembic.runtime.migration").addFilter(_DropAlembicContext())
+    # A logger's filters run before any handler, whichever imports it later: only this one
+    # message is dropped, every other transformers warning and error still shows.
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
+
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -48,6 +48,30 @@ router = APIRouter(tags=["enterprise"])
 _LOAD_DATA_FORMAT = "%m/%d/%Y %H:%M:%S"  # the hosted API's `load_data`, e.g. 01/25/2023 11:52:22
 
 
+# What each enterprise verb does, for /docs.
+_SUMMARIES = {
+    "load_model": "import a model, LoRA, embedding or VAE (queued)",
+    "load_model_v2": "import a model, LoRA, embedding or VAE (queued)",
+    "load_vae": "import a VAE (queued)",
+    "verify_model": "whether a model id exists here",
+    "get_all_models": "every model on this server",
+    "delete_model": "delete an imported model and its files",
+    "model_file": "download an imported model's file (for sync_models)",
+    "sync_models": "copy another server's imported models here",
+    "system_details": "queue, GPUs, memory, disk and storage",
+    "clear_cache": "unload every worker's resident models",
+    "clear_queue": "fail every queued job",
+    "restart_server": "restart gracefully",
+    "update_server": "restart, re-reading the settings",
+    "update": "restart, re-reading the settings",
+    "update_s3": "switch output storage to an S3 bucket",
+    "schedulers_list": "the schedulers this server runs",
+    "text2img": "text to image (community endpoint, admin key)",
+    "img2img": "image to image (community endpoint, admin key)",
+    "inpaint": "inpainting (community endpoint, admin key)",
+}
+
+
 def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
     """Register a handler at both enterprise paths."""
 
@@ -58,7 +82,7 @@ def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
                     path,
                     handler,
                     methods=[method],
-                    summary=name,
+                    summary=f"{name}: {_SUMMARIES[name]}",
                     include_in_schema=not path.count("{"),
                 )
         return handler
@@ -144,7 +168,7 @@ async def _queue_import(
     )
 
 
-@router.post("/api/v3/load_model", tags=["models"])
+@router.post("/api/v3/load_model", tags=["models"], summary="Import a model for this key")
 async def load_model_v3(request: Request):
     state, body, principal = await _caller(request, admin=False)
     return await _queue_import(state, principal, parse_load_model(body), "model load started")
@@ -407,8 +431,8 @@ async def clear_cache(request: Request):
     return _ok("Cache cleared successfully")
 
 
-@router.get("/api/v5/clear_cache", tags=["utilities"])
-@router.post("/api/v5/clear_cache", tags=["utilities"])
+@router.get("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
+@router.post("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
 async def clear_cache_v5(request: Request):
     """Any key: models are loaded again on their next use, nothing else changes."""
     state, _body, _principal = await _caller(request, admin=False)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve import __version__
 from sdserve.api import admin, fetch, operations, plans, system, training, utilities
+from sdserve.api.docs import mount_docs
 from sdserve.api.envelope import error_response, http_error_body, job_body
 from sdserve.api.families import family_router
 from sdserve.api.state import ServerState
@@ -117,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.sdserve = state
+    mount_docs(app)  # /docs and /redoc without a CDN
 
     @app.exception_handler(SdserveError)
     async def _sdserve_error(_request: Request, exc: SdserveError):

@@ -27,13 +27,13 @@ _RECENT_SECONDS = 3600.0
 _RECENT_JOBS = 5000  # the newest finished jobs the timing metrics are computed over
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Liveness: the process answers")
 async def healthz():
     """The process is up (liveness)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", summary="Readiness: database, storage and a worker")
 async def readyz(request: Request):
     """The database and the output storage answer (readiness: send traffic here)."""
     state = get_state(request)
@@ -59,7 +59,7 @@ def _readiness(state: ServerState) -> dict[str, str]:
     return checks
 
 
-@router.get("/metrics")
+@router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request):
     state = get_state(request)
     registry = CollectorRegistry()

@@ -45,7 +45,7 @@ def _optional_int(body: dict, field: str, errors: dict) -> int | None:
         return None
 
 
-@router.post("/api/v3/buy_subscription")
+@router.post("/api/v3/buy_subscription", summary="Get a new key on a plan")
 async def buy_subscription(request: Request):
     state, body, principal = await _caller(request)
     name = str(body.get("plan_name") or "").strip()
@@ -62,7 +62,7 @@ async def buy_subscription(request: Request):
     )
 
 
-@router.post("/api/v3/cancel_subscription")
+@router.post("/api/v3/cancel_subscription", summary="Revoke a key bought on a plan")
 async def cancel_subscription(request: Request):
     state, body, principal = await _caller(request)
     target = str(body.get("key_to_cancel") or "").strip()
@@ -73,7 +73,7 @@ async def cancel_subscription(request: Request):
     return _message("subscription cancelled successfully")
 
 
-@router.post("/api/v3/dreambooth/buy_model")
+@router.post("/api/v3/dreambooth/buy_model", summary="Add trainings to a key's allowance")
 async def buy_model(request: Request):
     """More trained models for the key: for self-service plans, or any key given by the admin."""
     state, body, principal = await _caller(request)
@@ -99,8 +99,8 @@ async def buy_model(request: Request):
     )
 
 
-@router.get("/api/subscribed_products")
-@router.post("/api/subscribed_products")
+@router.get("/api/subscribed_products", summary="A key's plan and monthly usage")
+@router.post("/api/subscribed_products", summary="A key's plan and monthly usage")
 async def subscribed_products(request: Request):
     state, _body, principal = await _caller(request)
     used = await run_in_threadpool(state.store.usage, principal.key_id) if principal.key_id else 0
@@ -115,7 +115,9 @@ async def subscribed_products(request: Request):
     return {"status": "success", "data": {"imagen": product}}
 
 
-@router.post("/api/v1/enterprise/plans", tags=["enterprise"])
+@router.post(
+    "/api/v1/enterprise/plans", tags=["enterprise"], summary="List, create or change plans"
+)
 async def plans(request: Request):
     """List the plans; with `plan_name`, create or change that plan first."""
     state, body, principal = await _caller(request)

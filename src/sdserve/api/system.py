@@ -17,7 +17,7 @@ from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
 router = APIRouter()
 
 
-@router.post("/api/v3/system_load", tags=["v3"])
+@router.post("/api/v3/system_load", tags=["v3"], summary="Queue length and wait")
 async def system_load(request: Request):
     state = get_state(request)
     body = await read_json_body(request, state.settings)
@@ -26,31 +26,55 @@ async def system_load(request: Request):
     return {"queue_num": queue_num, "queue_time": math.ceil(queue_time), "status": "ok"}
 
 
-@router.post("/api/v4/dreambooth/model_list", tags=["community"])
+# model_list `status`: the hosted API's `model_ready` only for models whose weights are here.
+_LIST_STATUS = {
+    "ready": "model_ready",
+    "downloadable": "downloadable",
+    "unavailable": "unavailable",
+}
+
+
+@router.post(
+    "/api/v4/dreambooth/model_list", tags=["community"], summary="List the models (bare array)"
+)
 @router.post("/api/v3/model_list", tags=["community"], include_in_schema=False)
 @router.post("/api/v4/model_list", tags=["community"], include_in_schema=False)
 async def model_list(request: Request):
-    """A bare JSON array, as the hosted API answers (clients forward it verbatim)."""
+    """A bare JSON array, as the hosted API answers (clients forward it verbatim).
+
+    `status` is `model_ready` when the weights are here (built in, imported, on disk, in the
+    Hugging Face cache), `downloadable` for a hub model the first request downloads, and
+    `unavailable` when it cannot be had (offline, or a path that is gone). Beyond the hosted
+    fields: `source`, `availability` (ready | downloadable | unavailable), and `hub_repo` and
+    `size_bytes` where known.
+    """
     state = get_state(request)
     body = await read_json_body(request, state.settings)
     authenticate(request, body, state.keys)
     models = await run_in_threadpool(state.registry.list_models)
-    return [
-        {
-            "model_id": m["model_id"],
-            "status": "model_ready",
-            "created_at": None,
-            "instance_prompt": "",
-            "model_name": m["model_id"],
-            "description": f"{m['source']} model",
-            "screenshots": "",
-        }
-        for m in models
-    ]
+    return [_list_entry(m) for m in models]
 
 
-@router.post("/api/v4/dreambooth/model_reload", tags=["community"])
-@router.post("/api/v6/images/model_reload", tags=["images"])
+def _list_entry(model: dict) -> dict:
+    entry = {
+        "model_id": model["model_id"],
+        "status": _LIST_STATUS[model["status"]],
+        "created_at": None,
+        "instance_prompt": "",
+        "model_name": model["model_id"],
+        "description": f"{model['source']} model: {model['note']}",
+        "screenshots": "",
+        "source": model["source"],
+        "availability": model["status"],
+    }
+    entry.update({k: model[k] for k in ("hub_repo", "size_bytes") if k in model})
+    return entry
+
+
+@router.post(
+    "/api/v4/dreambooth/model_reload", tags=["community"], summary="Load a model ahead of use"
+)
+@router.post("/api/v6/images/model_reload", tags=["images"], summary="Load a model ahead of use")
 async def model_reload(request: Request):
     """Queue a load of the model on a worker, so the next generation finds it resident."""
     state = get_state(request)

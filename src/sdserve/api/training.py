@@ -159,7 +159,7 @@ async def delete_training(request: Request, training_id: str):
     return _ok("Training deleted", training_id=training_id)
 
 
-@router.post("/api/v3/finetune_list")
+@router.post("/api/v3/finetune_list", summary="List this key's trainings")
 async def finetune_list(request: Request):
     state, principal = await _caller(request)
     trainings = await run_in_threadpool(state.store.list_trainings, principal.owner)
@@ -178,20 +178,30 @@ async def finetune_list(request: Request):
     return _ok("model list", data=data)
 
 
-for _path, _kind in (
-    ("/api/v3/lora_fine_tune", "lora"),
-    ("/api/v3/fine_tune", "dreambooth"),
-    ("/api/v3/fine_tune_v2", "dreambooth"),
-    ("/api/sandbox/v3/fine_tune", "sandbox"),
+for _path, _kind, _summary in (
+    ("/api/v3/lora_fine_tune", "lora", "Train a LoRA (queued)"),
+    ("/api/v3/fine_tune", "dreambooth", "Train a Dreambooth model (queued)"),
+    ("/api/v3/fine_tune_v2", "dreambooth", "Train a Dreambooth model, v2 fields (queued)"),
+    ("/api/sandbox/v3/fine_tune", "sandbox", "Simulate a training (no GPU)"),
 ):
-    router.add_api_route(_path, _make_create(_kind), methods=["POST"], openapi_extra=_BODY_SCHEMA)
+    router.add_api_route(
+        _path,
+        _make_create(_kind),
+        methods=["POST"],
+        summary=_summary,
+        openapi_extra=_BODY_SCHEMA,
+    )
 for _path in (
     "/api/v3/fine_tune_status/{training_id}",
     "/api/sandbox/v3/fine_tune_status/{training_id}",
 ):
     for _method in ("POST", "GET"):  # a route each: distinct OpenAPI operation ids
-        router.add_api_route(_path, training_status, methods=[_method])
+        router.add_api_route(
+            _path, training_status, methods=[_method], summary="A training's stage and log"
+        )
 for _path in ("/api/v3/cancle_training/{training_id}", "/api/v3/cancel_training/{training_id}"):
-    router.add_api_route(_path, cancel_training, methods=["POST"])
+    router.add_api_route(_path, cancel_training, methods=["POST"], summary="Cancel a training")
 for _path in ("/api/v3/finetune/delete/{training_id}", "/api/v3/delete/{training_id}"):
-    router.add_api_route(_path, delete_training, methods=["POST"])
+    router.add_api_route(
+        _path, delete_training, methods=["POST"], summary="Delete a training and what it made"
+    )

@@ -47,7 +47,7 @@ async def _store_png(state: ServerState, owner: str, image: Image.Image, folder:
     return job, state.output_url(key)
 
 
-@router.post("/api/v3/base64_crop")
+@router.post("/api/v3/base64_crop", summary="Store a base64 image (centre-cropped)")
 async def base64_crop(request: Request):
     """Store an image (a data URL); with crop, its centre square at 512x512, as training wants."""
     state, body, principal = await _caller(request)
@@ -65,7 +65,7 @@ async def base64_crop(request: Request):
     }
 
 
-@router.post("/api/v6/base64_to_url")
+@router.post("/api/v6/base64_to_url", summary="Turn a base64 image into a temporary URL")
 async def base64_to_url(request: Request):
     """A temporary URL (24 h, like `temp` outputs) for a base64 image."""
     state, body, principal = await _caller(request)
@@ -77,7 +77,9 @@ async def base64_to_url(request: Request):
     return {"status": "success", "id": job.id, "output": [url]}
 
 
-@router.post("/api/v1/enterprise/upload_image", tags=["enterprise"])
+@router.post(
+    "/api/v1/enterprise/upload_image", tags=["enterprise"], summary="Upload a base64 image"
+)
 async def upload_image(request: Request):
     state, body, principal = await _caller(request)
     if not principal.is_admin:
@@ -102,7 +104,7 @@ async def upload_image(request: Request):
     }
 
 
-@router.post("/api/v3/delete_image")
+@router.post("/api/v3/delete_image", summary="Delete a request's images")
 async def delete_image(request: Request):
     """Delete an uploaded image, or a finished request's outputs, by request id."""
     state, body, principal = await _caller(request)
@@ -127,8 +129,10 @@ async def delete_image(request: Request):
     return {"status": "success", "messege": message, "message": message}
 
 
-@router.post("/api/v3/nsfw_image_check")
-@router.post("/api/v1/enterprise/nsfw_image_check", tags=["enterprise"])
+@router.post("/api/v3/nsfw_image_check", summary="Check an image for nudity")
+@router.post(
+    "/api/v1/enterprise/nsfw_image_check", tags=["enterprise"], summary="Check an image for nudity"
+)
 async def nsfw_image_check(request: Request):
     """NudeNet's verdict on one image; the exact hosted shape (no `status` field)."""
     state, body, principal = await _caller(request)
@@ -147,7 +151,7 @@ async def nsfw_image_check(request: Request):
     return {"images": url, "has_nsfw_concept": [flagged]}
 
 
-@router.post("/api/check_nsfw_cp")
+@router.post("/api/check_nsfw_cp", summary="Check a prompt against the word lists")
 async def check_nsfw_cp(request: Request):
     """A word-list check of a prompt (see sdserve.engine.prompt_filter for what it is, and is not)."""
     _state, body, _principal = await _caller(request)

@@ -22,39 +22,21 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from sdserve.engine import tiny
+from sdserve.engine.availability import (
+    CHECKPOINT_SUFFIXES,
+    HUB_CATALOGUE,
+    HUB_FAMILIES,
+    PIPELINE_CATEGORIES,
+    hub_cached,
+    is_offline,
+    list_models,
+    user_catalogue,
+)
 from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
 from sdserve.jobs.catalogue import ModelCatalogue
 from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
 
-# Public ids of the hosted API's catalogue that map to well-known hub repos.
-HUB_CATALOGUE = {
-    "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd-2.1": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
-    "midjourney": "prompthero/openjourney",
-    "openjourney": "prompthero/openjourney",
-    "realistic-vision-v51": "SG161222/Realistic_Vision_V5.1_noVAE",
-    "dreamshaper-8": "Lykon/dreamshaper-8",
-    "zeroscope": "cerspense/zeroscope_v2_576w",
-    "modelscope-t2v": "ali-vilab/text-to-video-ms-1.7b",
-    "svd": "stabilityai/stable-video-diffusion-img2vid-xt",
-}
-# Pipeline family of catalogue hub ids, known without downloading anything.
-HUB_FAMILIES = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-    "stabilityai/stable-diffusion-2-1": "sd2",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
-    "prompthero/openjourney": "sd15",
-    "SG161222/Realistic_Vision_V5.1_noVAE": "sd15",
-    "Lykon/dreamshaper-8": "sd15",
-    "cerspense/zeroscope_v2_576w": "t2v",
-    "ali-vilab/text-to-video-ms-1.7b": "t2v",
-    "stabilityai/stable-video-diffusion-img2vid-xt": "svd",
-}
 _BUILTIN_FAMILIES = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl", "tiny-t2v": "t2v", "tiny-svd": "svd"}
 _CLASS_FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
@@ -63,7 +45,6 @@ _CLASS_FAMILIES = {
     "StableVideoDiffusionPipeline": "svd",
 }
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
-_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -72,9 +53,6 @@ class ModelSource:
     kind: Literal["builtin", "hub", "folder", "file"]
     location: str  # repo id, folder or file path
     config: str | None = None  # config folder for single files, if not the shipped one
-
-
-_PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl")
 
 
 def safe_id(value: str, what: str) -> str:
@@ -119,10 +97,7 @@ class ModelRegistry:
     # ---- resolution (cheap, done at submit time) -------------------------------------------
 
     def _user_catalogue(self) -> dict[str, dict]:
-        path = self.data_dir / "models.json"
-        if not path.exists():
-            return {}
-        return json.loads(path.read_text())
+        return user_catalogue(self.data_dir)
 
     def resolve(self, model_id: str, owner: str | None = None) -> ModelSource:
         """Where `model_id` lives; `owner` (a key's owner) hides other keys' private imports."""
@@ -131,7 +106,7 @@ class ModelRegistry:
             return ModelSource(model_id, "builtin", model_id)
         imported = self.catalogue.get(model_id) if self.catalogue else None
         if imported is not None and imported.visible_to(owner):
-            if imported.category not in _PIPELINE_CATEGORIES:
+            if imported.category not in PIPELINE_CATEGORIES:
                 label = imported.category.replace("_", " ")
                 raise ValidationFailed(
                     {"model_id": [f"{model_id} is a {label} model, not a base model"]}
@@ -150,7 +125,7 @@ class ModelRegistry:
             not folder.exists() and self._available(folder)
         ):
             return ModelSource(model_id, "folder", str(folder))
-        for suffix in _CHECKPOINT_SUFFIXES:
+        for suffix in CHECKPOINT_SUFFIXES:
             file = self.settings.models_dir / f"{model_id}{suffix}"
             if file.is_file() or self._available(file):
                 return ModelSource(model_id, "file", str(file))
@@ -176,10 +151,7 @@ class ModelRegistry:
                 f"Model {source.model_id} points to {source.location}, which does not exist"
             )
         if source.kind == "hub" and self.offline():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(source.location, "model_index.json")
-            if not isinstance(cached, str):
+            if not hub_cached(source.location):
                 raise ModelUnavailable(
                     f"Model {source.model_id} ({source.location} on the Hugging Face hub) is not "
                     "downloaded and this server is offline. On a machine with internet access run "
@@ -235,28 +207,11 @@ class ModelRegistry:
             ) from exc
 
     def offline(self) -> bool:
-        import os
-
-        return self.settings.offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes")
+        return is_offline(self.settings)
 
     def list_models(self) -> list[dict]:
-        ids: dict[str, str] = {mid: "builtin" for mid in tiny.TINY_MODELS}
-        for entry in self.catalogue.list() if self.catalogue else []:
-            if entry.category in _PIPELINE_CATEGORIES and entry.visibility != "private":
-                ids[entry.model_id] = "imported"
-        ids.update({mid: "catalogue" for mid in self._user_catalogue()})
-        models_dir = self.settings.models_dir
-        if models_dir.is_dir():
-            for child in sorted(models_dir.iterdir()):
-                if child.name.startswith("."):
-                    continue
-                if (child / "model_index.json").exists() and child.name not in ids:
-                    ids[child.name] = "folder"
-                elif child.suffix in _CHECKPOINT_SUFFIXES:
-                    ids.setdefault(child.stem, "file")
-        for mid in HUB_CATALOGUE:
-            ids.setdefault(mid, "hub")
-        return [{"model_id": mid, "source": kind} for mid, kind in ids.items()]
+        """Every model id, with its source and status (ready, downloadable, unavailable)."""
+        return list_models(self.settings, self.catalogue)
 
     def resolve_lora(self, lora_id: str) -> Path:
         return self._asset("loras", lora_id, "lora_model", (".safetensors",), "LoRA", "lora")

@@ -37,8 +37,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from sdserve.engine.availability import BUILTIN_MODELS
+
 # Generation models (usable as model_id) and the motion adapter that animates tiny-sd.
-TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-t2v", "tiny-svd")
+TINY_MODELS = BUILTIN_MODELS
 TINY_MOTION_ADAPTER = "tiny-motion-adapter"
 TINY_UNET_CHANNELS = (32, 64)
 _SEED = 0

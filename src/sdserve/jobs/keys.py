@@ -5,16 +5,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import string
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from sdserve.jobs.db import ApiKey, Plan
+from sdserve.jobs.db import ApiKey, Plan, ServerConfig
 from sdserve.jobs.store import ADMIN_OWNER, JobStore
 
 _CACHE_TTL_SECONDS = 2.0
 _CACHE_MAX = 10_000
+# Letters and digits only: a key never starts with `-` (which a shell command line would read as
+# an option) and is selected whole by a double click. 40 of 62 symbols: 238 bits.
+_KEY_ALPHABET = string.ascii_letters + string.digits
+_KEY_LENGTH = 40
+# The server_config row holding the sha256 of the admin key made on first start (never the key).
+_ADMIN_ROW = "generated_admin_key"
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,19 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def new_key() -> str:
+    """A fresh random key of letters and digits."""
+    return "".join(secrets.choice(_KEY_ALPHABET) for _ in range(_KEY_LENGTH))
+
+
 class KeyRing:
     def __init__(self, store: JobStore, admin_key: str | None, default_queue_limit: int):
         self._store = store
+        # SDSERVE_ADMIN_KEY wins; without it, the admin key generated on first start (its hash is
+        # in the database, so every server on the same store accepts it) is read when first needed.
         self._admin_hash = hash_key(admin_key) if admin_key else None
+        self._admin_configured = bool(admin_key)
+        self._admin_checked_at = float("-inf")
         self._default_limit = default_queue_limit
         # digest -> (principal or None, expiry): keeps the database off the hot path of every
         # request; a revocation (possibly from another process) takes effect within the TTL.
@@ -50,7 +66,7 @@ class KeyRing:
         plan: str | None = None,
         parent_id: int | None = None,
     ) -> str:
-        key = secrets.token_urlsafe(30)
+        key = new_key()
         with self._store.session(write=True) as s:
             s.add(
                 ApiKey(
@@ -94,6 +110,38 @@ class KeyRing:
             row.revoked_at = time.time()
             return True
 
+    def has_admin_key(self) -> bool:
+        """Whether there is an admin key: SDSERVE_ADMIN_KEY, or one generated earlier."""
+        return self._admin_configured or self._generated_admin_hash() is not None
+
+    def create_admin(self) -> str | None:
+        """Generate the admin key (SDSERVE_ADMIN_KEY unset); None if one exists already.
+
+        Only its hash is stored. A generated admin key is never replaced: clients may hold it.
+        """
+        key = new_key()
+        with self._store.session(write=True) as s:
+            row = s.get(ServerConfig, _ADMIN_ROW)
+            if row is not None:
+                return None
+            value = {"sha256": hash_key(key)}
+            s.add(ServerConfig(name=_ADMIN_ROW, value=value, updated_at=time.time()))
+        self._admin_hash = hash_key(key)
+        return key
+
+    def _generated_admin_hash(self) -> str | None:
+        if self._admin_configured:
+            return None
+        now = time.monotonic()
+        # Found once, it never changes; until found, look again at most every cache TTL.
+        if self._admin_hash is None and now - self._admin_checked_at > _CACHE_TTL_SECONDS:
+            self._admin_checked_at = now
+            with self._store.session() as s:
+                row = s.get(ServerConfig, _ADMIN_ROW)
+                if row is not None:
+                    self._admin_hash = row.value.get("sha256")
+        return self._admin_hash
+
     def count(self) -> int:
         with self._store.session() as s:
             return len(s.scalars(select(ApiKey.id)).all())
@@ -102,7 +150,8 @@ class KeyRing:
         if not key:
             return None
         digest = hash_key(key)
-        if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
+        admin_hash = self._admin_hash if self._admin_configured else self._generated_admin_hash()
+        if admin_hash and hmac.compare_digest(digest, admin_hash):
             return Principal(ADMIN_OWNER, True, None)
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > time.monotonic():
