@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads the wheels bench/gpu.sh needs on a GPU host (no internet there) into bench/wheels/
 # (git-ignored; the device tool carries it): pure-Python wheels plus CPython 3.12 manylinux
-# x86-64 builds. `--rehearsal` also fetches the CPython 3.11 builds into bench/wheels-cp311/ for
+# x86-64 builds. `--core` leaves out the optional NudeNet and PyAV wheels. `--rehearsal` also fetches the CPython 3.11 builds into bench/wheels-cp311/ for
 # `bench/gpu_rehearse.sh` on a 3.11 machine. Prints the total against the 64 MiB travel limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +11,23 @@ for tag in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1
   platforms+=(--platform "${tag}_x86_64")
 done
 
-download() {  # download <python version> <folder>
+core=0 rehearsal=0
+for arg in "$@"; do
+  case "$arg" in
+    --core) core=1 ;;
+    --rehearsal) rehearsal=1 ;;
+    *) echo "usage: $0 [--core] [--rehearsal]" >&2; exit 2 ;;
+  esac
+done
+download() {  # download <python version> <folder> <requirements file>
   "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
-    --python-version "$1" "${platforms[@]}" -r bench/gpu-requirements.txt -d "$2"
+    --python-version "$1" "${platforms[@]}" -r "$3" -d "$2"
 }
 
-download 3.12 bench/wheels
-if [ "${1:-}" = "--rehearsal" ]; then
-  download 3.11 bench/wheels-cp311.tmp
+download 3.12 bench/wheels bench/gpu-requirements.txt
+[ "$core" = 1 ] || download 3.12 bench/wheels bench/gpu-requirements-extras.txt
+if [ "$rehearsal" = 1 ]; then
+  download 3.11 bench/wheels-cp311.tmp bench/gpu-requirements.txt
   mkdir -p bench/wheels-cp311
   # Keep only what differs from the 3.12 set (the compiled wheels): pure ones are shared.
   for whl in bench/wheels-cp311.tmp/*.whl; do
