@@ -19,7 +19,7 @@ cp -r bench/wheels "$R/clone/bench/"  # what the device tool carries (git-ignore
 # or source site-packages), then a .pth that adds only the host's packages.
 base="$("$SOURCE_VENV/bin/python" -c 'import sys; print(sys.base_prefix)')/bin/python3"
 "$base" -m venv "$R/venv"
-"$SOURCE_VENV/bin/python" - "$R/host-site" <<'PY'
+"$SOURCE_VENV/bin/python" - "$R/host-site" <<'PY'  # run in the repo: reads bench/
 import importlib.metadata as md
 import os
 import sys
@@ -35,6 +35,24 @@ tokenizers torch torchvision tqdm transformers peft triton typing-extensions url
 wheel zipp""".split()
 norm = lambda n: n.lower().replace("_", "-").replace(".", "-")
 wanted = {norm(n) for n in HOST}
+# This machine's versions of those packages may need more than the host's do (huggingface-hub 2
+# needs httpx2): add their dependencies, transitively, but never one the wheels bundle.
+bundled = {norm(line.split("==")[0]) for line in open("bench/gpu-requirements.txt")
+           if line.strip() and not line.startswith("#")}
+todo = list(wanted)
+while todo:
+    try:
+        requires = md.requires(todo.pop()) or []
+    except md.PackageNotFoundError:
+        continue
+    for req in requires:
+        if "extra ==" in req:
+            continue
+        name = norm(req.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0]
+                    .split("!")[0].split("~")[0].strip())
+        if name not in wanted and name not in bundled:
+            wanted.add(name)
+            todo.append(name)
 target = Path(sys.argv[1])
 target.mkdir(parents=True)
 linked = []
