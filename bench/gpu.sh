@@ -90,6 +90,9 @@ fi
 export PYTHONPATH="$WORK/site:$REPO/src:$REPO/bench${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 missing="$(core_missing)"
+# find_spec is not enough: a package can be there and still fail to import (a missing dependency).
+[ -z "$missing" ] && ! "$PY" -c "import diffusers, sdserve.api.app, sdserve.engine.images" >>"$LOG" 2>&1 \
+  && missing="(sdserve's imports fail: see run.log)"
 if [ -n "$missing" ]; then
   log "still missing after the install: $missing; stopping"
   "$PY" bench/gpu_report.py "$WORK" "$OUTDIR" | tee -a "$LOG"
