@@ -64,7 +64,12 @@ def running_server(data_dir: str | None = None, **env: str):
         url = f"http://127.0.0.1:{port}"
         _PIDS[url] = proc.pid
         try:
-            for _ in range(600):
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:  # say why now, rather than time out every request
+                    raise RuntimeError(f"sdserve serve exited: {log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sdserve serve did not start: {log.read_text()[-3000:]}")
                 try:
                     if httpx.get(url + "/openapi.json", timeout=1).status_code == 200:
                         break

@@ -273,7 +273,13 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from sdserve.extras import MissingExtra
+
+    try:
+        return args.func(args)
+    except MissingExtra as exc:  # a setting needs an optional package: one line, not a traceback
+        print(f"sdserve: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

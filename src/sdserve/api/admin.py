@@ -480,7 +480,7 @@ def _restart(state: ServerState, message: str):
 
 @_enterprise("update_s3")
 async def update_s3(request: Request):
-    from sdserve.storage.s3 import S3Config
+    from sdserve.storage.s3config import S3Config
 
     state, body, _principal = await _caller(request)
     bucket = body.get("image_directory") or body.get("bucket")

@@ -1,5 +1,6 @@
 """Operations: liveness, readiness and Prometheus metrics (read from the shared database, so any
-API process reports the whole deployment: every worker and every job)."""
+API process reports the whole deployment: every worker and every job). prometheus-client is the
+optional `metrics` extra, imported by the first scrape."""
 
 from __future__ import annotations
 
@@ -7,18 +8,12 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    SummaryMetricFamily,
-)
 from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import SdserveError
+from sdserve.extras import require
 from sdserve.jobs.db import Job, StepTiming, WebhookDelivery, WebhookOutbox, WorkerRecord
 
 router = APIRouter(tags=["operations"])
@@ -62,13 +57,17 @@ def _readiness(state: ServerState) -> dict[str, str]:
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request):
     state = get_state(request)
-    registry = CollectorRegistry()
+    try:
+        prometheus = require("prometheus_client", "The /metrics endpoint")
+    except SdserveError as exc:
+        return JSONResponse({"status": "error", "message": exc.message}, status_code=501)
+    registry = prometheus.CollectorRegistry()
     registry.register(_DatabaseCollector(state))
     try:
-        payload = await run_in_threadpool(generate_latest, registry)
+        payload = await run_in_threadpool(prometheus.generate_latest, registry)
     except SdserveError as exc:
         return JSONResponse({"status": "error", "message": exc.message}, status_code=503)
-    return Response(payload, media_type=CONTENT_TYPE_LATEST)
+    return Response(payload, media_type=prometheus.CONTENT_TYPE_LATEST)
 
 
 class _DatabaseCollector:
@@ -78,6 +77,13 @@ class _DatabaseCollector:
         self.state = state
 
     def collect(self):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            SummaryMetricFamily,
+        )
+
         now = time.time()
         with self.state.store.session() as s:
             by_status = s.execute(

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from sdserve.extras import require
+
 if TYPE_CHECKING:
     from nudenet import NudeDetector
 
@@ -38,10 +40,10 @@ def _get_detector() -> NudeDetector:
         with _detector_lock:
             if _detector is None:
                 # Imported here: onnxruntime and OpenCV cost start-up time and memory that a
-                # server whose clients never ask for the check need not pay.
-                from nudenet import NudeDetector
-
-                _detector = NudeDetector()
+                # server whose clients never ask for the check need not pay, and NudeNet is
+                # an optional extra.
+                nudenet = require("nudenet", "The NSFW check (safety_checker)")
+                _detector = nudenet.NudeDetector()
     return _detector
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdserve.errors import JobNotFound, QuotaExceeded, RateLimited, StoreUnavailable
+from sdserve.extras import require
 from sdserve.jobs.db import (
     Job,
     KeyUsage,
@@ -133,6 +134,9 @@ class JobStore:
             # connection fails, and SQLAlchemy then discards every pooled connection at once.
             else {"pool_size": 40, "max_overflow": 10}
         )
+        if database_url.startswith("postgresql+psycopg"):
+            # SQLAlchemy would fail on first use with a bare ModuleNotFoundError; say which extra.
+            require("psycopg", "A PostgreSQL job store (SDSERVE_DATABASE_URL)")
         self.engine = create_engine(database_url, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)

@@ -1,4 +1,6 @@
-"""Video files: H.264 MP4 (yuv420p, faststart) with PyAV, GIF and WebP with Pillow; decoding init videos."""
+"""Video files: H.264 MP4 (yuv420p, faststart) with PyAV, GIF and WebP with Pillow; decoding init videos.
+
+PyAV is the optional `video` extra, imported only when an MP4 is written or a video decoded."""
 
 from __future__ import annotations
 
@@ -7,11 +9,11 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
 from sdserve.errors import BadImage
+from sdserve.extras import require
 
 VIDEO_FORMATS = ("mp4", "gif", "webp")
 
@@ -44,6 +46,7 @@ def _encode_mp4(frames: list[Image.Image], fps: int) -> bytes:
 
 
 def _write_mp4(path: Path, frames: list[Image.Image], fps: int) -> None:
+    av = require("av", "MP4 output (output_type mp4)")
     with av.open(
         str(path), mode="w", format="mp4", options={"movflags": "+faststart"}
     ) as container:
@@ -61,6 +64,7 @@ def _write_mp4(path: Path, frames: list[Image.Image], fps: int) -> None:
 
 def decode_video(data: bytes, field: str, max_frames: int) -> list[Image.Image]:
     """RGB frames of a video (any container PyAV reads), at most `max_frames`."""
+    av = require("av", "Reading an init video")
     try:
         with av.open(io.BytesIO(data)) as container:
             frames = []

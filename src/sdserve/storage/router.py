@@ -14,11 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from sdserve.extras import require
 from sdserve.settings import Settings
 from sdserve.storage.local import LocalStorage
 
 if TYPE_CHECKING:
-    from sdserve.storage.s3 import S3Config, S3Storage
+    from sdserve.storage.s3 import S3Storage
+    from sdserve.storage.s3config import S3Config
 
 S3_PREFIX = "s3:"
 MODELS_PREFIX = "models/"  # model files in the bucket, by their path under the data dir
@@ -49,17 +51,13 @@ class StorageRouter:
         config = self._saved_config() or self._env_config()
         backend = None
         if config is not None:
-            from sdserve.storage.s3 import S3Storage  # boto3 only when a bucket is used
-
-            backend = S3Storage(config)
+            backend = _s3_storage(config)
         with self._lock:
             self._s3 = backend
 
     def configure_s3(self, config: S3Config) -> None:
         """Check the bucket works, then make it the storage of new outputs, in every process."""
-        from sdserve.storage.s3 import S3Storage
-
-        candidate = S3Storage(config)
+        candidate = _s3_storage(config)
         candidate.check()
         if self._saved is not None:
             self._saved.save_config(_CONFIG_ROW, asdict(config))
@@ -78,7 +76,7 @@ class StorageRouter:
         value = None if self._saved is None else self._saved.load_config(_CONFIG_ROW)
         if value is None:
             return None
-        from sdserve.storage.s3 import S3Config
+        from sdserve.storage.s3config import S3Config
 
         return S3Config(**value)
 
@@ -86,7 +84,7 @@ class StorageRouter:
         st = self.settings
         if not st.s3_bucket:
             return None
-        from sdserve.storage.s3 import S3Config
+        from sdserve.storage.s3config import S3Config
 
         return S3Config(
             bucket=st.s3_bucket,
@@ -208,3 +206,11 @@ class StorageRouter:
         if s3 is not None:
             removed += s3.delete_older_than(folder, max_age_seconds)
         return removed
+
+
+def _s3_storage(config: S3Config) -> S3Storage:
+    """The S3 backend; boto3 (the optional `s3` extra) is imported only when a bucket is used."""
+    require("boto3", "S3 output storage")
+    from sdserve.storage.s3 import S3Storage
+
+    return S3Storage(config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 import boto3
@@ -14,26 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from sdserve.errors import S3Unavailable
 from sdserve.storage.local import InvalidStorageKey
-
-
-@dataclass(frozen=True)
-class S3Config:
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region_name: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    public_url: str | None = None  # objects are served from here; else presigned URLs
-    url_expiry_seconds: int = 86400
-
-    def redacted(self) -> dict:
-        shown = asdict(self)
-        if self.secret_access_key:
-            shown["secret_access_key"] = "***"
-        if self.access_key_id:
-            shown["access_key_id"] = self.access_key_id[:4] + "***"
-        return shown
+from sdserve.storage.s3config import S3Config
 
 
 class S3Storage:
