@@ -3,12 +3,15 @@ merged), the authenticated key and whether it is the admin key. No route reads a
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import Depends, Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import InvalidKey, InvalidRequest
@@ -45,15 +48,25 @@ AdminDep = Annotated[Caller, Depends(admin_caller)]
 
 
 async def read_body(request: Request, settings: Settings) -> dict[str, Any]:
-    """The request's fields: the query string, overridden by the body's (JSON or form)."""
-    body = await read_json_body(request, settings)
+    """The request's fields (reference §16.1): the query string, overridden by the body's. The
+    body is JSON, form-urlencoded (also with no Content-Type) or multipart, whose file parts
+    become data URLs, so they go through the same decoding and size guards as any image."""
+    raw = await _read_capped(request, settings)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not raw.strip():
+        body: dict[str, Any] = {}
+    elif kind == "multipart/form-data":
+        body = await _multipart(request, raw, settings)
+    elif kind == "application/x-www-form-urlencoded" or (not kind and raw.lstrip()[:1] != b"{"):
+        body = _fields(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    else:
+        body = _json_object(raw)
     if request.query_params:
         return {**dict(request.query_params), **body}
     return body
 
 
-async def read_json_body(request: Request, settings: Settings) -> dict[str, Any]:
-    """The JSON object body, capped at max_body_bytes; an empty body reads as {}."""
+async def _read_capped(request: Request, settings: Settings) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise _too_large(settings)
@@ -63,11 +76,10 @@ async def read_json_body(request: Request, settings: Settings) -> dict[str, Any]
         if size > settings.max_body_bytes:
             raise _too_large(settings)
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return {}
-    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    return b"".join(chunks)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -78,6 +90,41 @@ async def read_json_body(request: Request, settings: Settings) -> dict[str, Any]
     if not isinstance(body, dict):
         raise InvalidRequest("Invalid API Request", tip="The request body must be a JSON object.")
     return body
+
+
+def _fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Form fields by name; a name sent more than once (or as `name[]`) is a list."""
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        listed = name.endswith("[]")
+        name = name.removesuffix("[]")
+        if name in fields:
+            previous = fields[name]
+            fields[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            fields[name] = [value] if listed else value
+    return fields
+
+
+async def _multipart(request: Request, raw: bytes, settings: Settings) -> dict[str, Any]:
+    async def stream():
+        yield raw
+
+    parser = MultiPartParser(
+        request.headers, stream(), max_files=64, max_fields=1000, max_part_size=len(raw) + 1
+    )
+    try:
+        form = await parser.parse()
+    except Exception:
+        raise InvalidRequest("Invalid API Request", tip="The multipart body is malformed.") from None
+    pairs = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            media = value.content_type or "application/octet-stream"
+            value = f"data:{media};base64," + base64.b64encode(data).decode()
+        pairs.append((name, value))
+    return _fields(pairs)
 
 
 def _too_large(settings: Settings) -> InvalidRequest:

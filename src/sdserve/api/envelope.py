@@ -90,7 +90,10 @@ def success_body(job: JobView, url_of: UrlOf) -> dict[str, Any]:
         # Not in the hosted API: where the time went (seconds).
         "timings": result.get("timings", {}),
     }
-    if _answer(job).get("single_output"):  # legacy endpoints answer one URL string
+    answer = _answer(job)
+    if answer.get("output_url"):
+        body["output_url"] = output[0] if output else None
+    if answer.get("single_output"):  # legacy endpoints answer one URL string
         body["output"] = output[0] if output else ""
     return body
 
@@ -98,7 +101,7 @@ def success_body(job: JobView, url_of: UrlOf) -> dict[str, Any]:
 def processing_body(job: JobView, info: QueueInfo, base_url: str, url_of: UrlOf) -> dict[str, Any]:
     message = _answer(job).get("processing_message", _DEFAULT_PROCESSING_MESSAGE)
     links = [url_of(key) for key in job.params.get("output_keys", [])]
-    return {
+    body = {
         "status": "processing",
         "tip": _PROCESSING_TIP,
         "eta": info.eta,
@@ -116,6 +119,9 @@ def processing_body(job: JobView, info: QueueInfo, base_url: str, url_of: UrlOf)
         "queue_position": info.position,
         "progress": {"step": job.step, "total_steps": job.total_steps},
     }
+    if _answer(job).get("output_url"):
+        body["output_url"] = None
+    return body
 
 
 def failed_body(job: JobView) -> dict[str, Any]:

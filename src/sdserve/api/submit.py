@@ -53,6 +53,7 @@ async def queue_spec(
             "fetch_path": dialect.fetch_path,
             "processing_message": dialect.processing_message,
             "single_output": dialect.single_output,
+            "output_url": dialect.output_url,
         },
     }
     try:

@@ -221,13 +221,15 @@ class Context:
 
 @dataclass(frozen=True)
 class Dialect:
-    """How one era of clients is answered: where it polls, what `processing` says, and whether
-    `output` is one URL string instead of a list (some legacy endpoints)."""
+    """How one era of clients is answered: where it polls, what `processing` says, whether
+    `output` is one URL string instead of a list (some legacy endpoints), and whether the answer
+    also names the first output `output_url` (v7)."""
 
     name: str  # stored on the job: unique across families
     fetch_path: str = "/api/v3/fetch/{id}"
     processing_message: str = "Try to fetch request after seconds estimated"
     single_output: bool = False
+    output_url: bool = False  # v7 clients read the first output as `output_url` too
 
 
 @dataclass(frozen=True)

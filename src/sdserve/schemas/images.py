@@ -32,6 +32,7 @@ V3 = Dialect("v3", "/api/v3/fetch/{id}", "Try to fetch request after given estim
 COMMUNITY = Dialect("community", "/api/v3/dreambooth/fetch/{id}")
 IMAGES = Dialect("images", "/api/v6/images/fetch/{id}")
 REALTIME = Dialect("realtime", "/api/v6/realtime/fetch/{id}")
+V7 = Dialect("v7images", "/api/v7/images/fetch/{id}", output_url=True)  # v6 bodies (§16.4)
 
 # Defaults that differ by dialect (reference §3, §6): steps, safety checker, prompt enhancement.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -39,6 +40,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "community": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
     "images": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
     "realtime": {"steps": 20, "safety_checker": True, "enhance_prompt": False},
+    "v7images": {"steps": 30, "safety_checker": True, "enhance_prompt": True},
 }
 
 
@@ -163,7 +165,7 @@ def image_job(kind: ImageKind, dialect: Dialect):
         settings, registry = ctx.settings, ctx.registry
         req = parse_image_request(body)
         # Only the community and v6 dialects choose the model; v3 and realtime use the default.
-        chosen = req.model_id if dialect.name in ("community", "images") else None
+        chosen = req.model_id if dialect.name in ("community", "images", "v7images") else None
         p = normalize_image_request(
             req, kind, dialect.name, settings, model_id=chosen or settings.default_model
         )
@@ -253,6 +255,9 @@ def _routes() -> list[Route]:
         ("/api/v6/realtime/text2img", "text2img", REALTIME),
         ("/api/v6/realtime/img2img", "img2img", REALTIME),
         ("/api/v6/realtime/inpaint", "inpaint", REALTIME),
+        ("/api/v7/images/text-to-image", "text2img", V7),
+        ("/api/v7/images/image-to-image", "img2img", V7),
+        ("/api/v7/images/inpaint", "inpaint", V7),
     ):
         routes.append(
             Route(

@@ -30,6 +30,7 @@ V4VIDEO = Dialect(
 V5VIDEO = Dialect("v5video", "/api/v3/fetch/{id}")
 VIDEO = Dialect("video", "/api/v6/video/fetch/{id}")
 ENTERPRISE = Dialect("enterprise", "/api/v1/enterprise/video/fetch/{id}")
+V7 = Dialect("v7video", "/api/v7/video-fusion/fetch/{id}", output_url=True)  # v6 bodies (§16.4)
 
 
 class VideoRequest(CommonRequest):
@@ -53,6 +54,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "v4video": {"fps": 8, "seconds": 2, "steps": 20, "guidance": 7.5, "size": 512, "type": "mp4"},
     "v5video": {"fps": 8, "seconds": 3, "steps": 20, "guidance": 9.0, "size": 256, "type": "mp4"},
     "video": {"fps": 7, "frames": 16, "steps": 20, "guidance": 7.0, "size": 512, "type": "mp4"},
+    "v7video": {"fps": 7, "frames": 16, "steps": 20, "guidance": 7.0, "size": 512, "type": "mp4"},
     "enterprise": {
         "fps": 8,
         "seconds": 2,
@@ -150,15 +152,17 @@ def normalize_video_request(
     return params
 
 
-def video_job(dialect: Dialect, *, image_to_video: bool = False):
-    """The route handler's work for one (dialect, text or image to video): body to job spec."""
+def video_job(dialect: Dialect, *, image_to_video: bool = False, video_to_video: bool = False):
+    """The route handler's work for one (dialect, text, image or video to video): body to spec."""
 
     def build(body: dict, ctx: Context) -> JobSpec:
         settings, registry = ctx.settings, ctx.registry
         req = parse_video_request(body)
+        if video_to_video and not req.init_video:
+            raise ValidationFailed({"init_video": ["The init video field is required."]})
         if image_to_video:
             model_id = req.model_id or settings.default_svd_model
-        elif dialect.name in ("v4video", "enterprise"):
+        elif dialect.name in ("v4video", "enterprise") and not video_to_video:
             if not req.model_id:
                 raise ValidationFailed({"model_id": ["The model id field is required."]})
             model_id = req.model_id
@@ -230,22 +234,32 @@ def _video_kind(model_id: str, architecture: str | None, image_to_video: bool) -
 
 def _routes() -> list[Route]:
     routes = []
-    for path, dialect, i2v, admin_only in (
-        ("/api/v4/dreambooth/text2video", V4VIDEO, False, False),
-        ("/api/v5/text2video", V5VIDEO, False, False),
-        ("/api/v6/video/text2video", VIDEO, False, False),
-        ("/api/v6/video/img2video", VIDEO, True, False),
-        ("/api/v1/enterprise/text2video", ENTERPRISE, False, True),
-        ("/api/v1/enterprise/video/text2video", ENTERPRISE, False, True),
-        ("/api/v1/enterprise/video/img2video", ENTERPRISE, True, True),
+    for path, dialect, what, admin_only in (
+        ("/api/v4/dreambooth/text2video", V4VIDEO, "text2video", False),
+        ("/api/v5/text2video", V5VIDEO, "text2video", False),
+        ("/api/v6/video/text2video", VIDEO, "text2video", False),
+        ("/api/v6/video/img2video", VIDEO, "img2video", False),
+        ("/api/v6/video/video2video", VIDEO, "video2video", False),
+        ("/api/v7/video-fusion/text-to-video", V7, "text2video", False),
+        ("/api/v7/video-fusion/image-to-video", V7, "img2video", False),
+        ("/api/v7/video-fusion/video-to-video", V7, "video2video", False),
+        ("/api/v1/enterprise/text2video", ENTERPRISE, "text2video", True),
+        ("/api/v1/enterprise/video/text2video", ENTERPRISE, "text2video", True),
+        ("/api/v1/enterprise/video/img2video", ENTERPRISE, "img2video", True),
+        ("/api/v1/enterprise/video/video2video", ENTERPRISE, "video2video", True),
     ):
+        build = video_job(
+            dialect,
+            image_to_video=what == "img2video",
+            video_to_video=what == "video2video",
+        )
         routes.append(
             Route(
                 path,
                 dialect,
-                video_job(dialect, image_to_video=i2v),
+                build,
                 VideoRequest,
-                summary=("img2video" if i2v else "text2video") + f" ({dialect.name})",
+                summary=f"{what} ({dialect.name})",
                 admin_only=admin_only,
                 tags=("video",),
             )
@@ -281,7 +295,7 @@ def build_video_meta(
         "file_prefix": w.file_prefix,
         "num_frames": p.num_frames,
     }
-    if dialect in ("v5video", "video", "enterprise"):
+    if dialect in ("v5video", "video", "v7video", "enterprise"):
         meta.update(
             fps=p.fps,
             output_type=p.output_type,
