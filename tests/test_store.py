@@ -27,7 +27,7 @@ def store(request, tmp_path):
 def submit(store, batch_key="m|text2img|64|64|2|Euler", owner="key:1", limit=None):
     return store.submit(
         kind="text2img",
-        family="community",
+        dialect="community",
         model_id="m",
         batch_key=batch_key,
         owner=owner,
