@@ -25,6 +25,7 @@ from sdserve.api import (
     video,
 )
 from sdserve.api.envelope import error_response
+from sdserve.api.failures import InternalErrors, internal_error_response, record_internal_error
 from sdserve.api.state import ServerState
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import InvalidRequest, SdserveError
@@ -132,11 +133,11 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response(InvalidRequest("Invalid API Request"), settings)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
-        log.exception("unhandled error")
-        error = SdserveError("Internal server error. Please try again.")
-        error.http_status = 500
-        return error_response(error, settings)
+    async def _unexpected(request: Request, exc: Exception):
+        record_internal_error(request.scope, exc)
+        return internal_error_response(settings)
+
+    app.add_middleware(InternalErrors, settings=settings)
 
     app.include_router(images.router)
     app.include_router(video.router)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -11,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from sdserve.errors import InvalidKey, InvalidRequest, RateLimited, SdserveError, ValidationFailed
 from sdserve.jobs.keys import KeyRing, Principal
+from sdserve.jsonbody import parse_json_object
 from sdserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,7 @@ async def read_json_body(request: Request, settings: Settings) -> dict[str, Any]
     raw = b"".join(chunks)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest(
-            "Invalid API Request",
-            tip="The request body must be valid JSON with Content-Type: application/json.",
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("Invalid API Request", tip="The request body must be a JSON object.")
-    return body
+    return parse_json_object(raw)
 
 
 def _too_large(settings: Settings) -> InvalidRequest:

@@ -9,6 +9,7 @@ from sdserve.api.envelope import authenticate, read_json_body
 from sdserve.api.serving import job_response
 from sdserve.api.state import get_state
 from sdserve.errors import JobNotFound
+from sdserve.ids import parse_job_id
 from sdserve.schemas.responses import job_body
 
 router = APIRouter(tags=["fetch"])
@@ -35,10 +36,10 @@ REQUEST_ID_PATHS = [
 
 
 def _parse_id(value) -> int:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        raise JobNotFound() from None
+    job_id = parse_job_id(value)
+    if job_id is None:
+        raise JobNotFound()
+    return job_id
 
 
 async def _fetch(request: Request, raw_id) -> dict:

@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
+from sdserve.api.failures import internal_error_count
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import SdserveError
 from sdserve.jobs.db import Job, StepTiming, WebhookDelivery, WebhookOutbox, WorkerRecord
@@ -180,4 +181,9 @@ class _DatabaseCollector:
         )
         yield CounterMetricFamily(
             "sdserve_webhooks_given_up", "Webhooks dropped after every retry failed", value=given_up
+        )
+        yield CounterMetricFamily(
+            "sdserve_internal_errors",
+            "Unhandled exceptions answered 'Internal server error' by this API process",
+            value=internal_error_count(),
         )

@@ -11,7 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from sdserve.api.envelope import authenticate, read_json_body
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import BadImage, ValidationFailed
+from sdserve.ids import is_token_id
 from sdserve.jobs.keys import Principal
+from sdserve.jobs.store import TrainingNotFound
 from sdserve.media.images import encode_png, load_image_input
 from sdserve.schemas.training import (
     TrainingKind,
@@ -109,14 +111,19 @@ def _make_create(kind: TrainingKind):
     return create
 
 
-async def _caller(request: Request) -> tuple[ServerState, Principal]:
+async def _caller(
+    request: Request, training_id: str | None = None
+) -> tuple[ServerState, Principal]:
     state = get_state(request)
     body = await read_json_body(request, state.settings)
-    return state, authenticate(request, body, state.keys)
+    principal = authenticate(request, body, state.keys)
+    if training_id is not None and not is_token_id(training_id):
+        raise TrainingNotFound()  # ids are short ASCII tokens; nothing else reaches the store
+    return state, principal
 
 
 async def training_status(request: Request, training_id: str):
-    state, principal = await _caller(request)
+    state, principal = await _caller(request, training_id)
     training = await run_in_threadpool(state.store.get_training, training_id, principal.owner)
     stage = training["stage"]
     status = "failed" if stage in ("training_failed", "training_cancelled") else "success"
@@ -131,14 +138,14 @@ async def training_status(request: Request, training_id: str):
 
 
 async def cancel_training(request: Request, training_id: str):
-    state, principal = await _caller(request)
+    state, principal = await _caller(request, training_id)
     await run_in_threadpool(state.store.request_cancel, training_id, principal.owner)
     return _ok("Training cancelled", training_id=training_id)
 
 
 async def delete_training(request: Request, training_id: str):
     """Stop it if running, then remove the model id and every file the training made."""
-    state, principal = await _caller(request)
+    state, principal = await _caller(request, training_id)
     await run_in_threadpool(state.store.delete_training, training_id, principal.owner)
     data_dir = state.settings.data_dir
     lora = data_dir / "loras" / f"{training_id}.safetensors"
