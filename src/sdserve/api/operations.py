@@ -184,6 +184,6 @@ class _DatabaseCollector:
         )
         yield CounterMetricFamily(
             "sdserve_internal_errors",
-            "Unhandled exceptions answered 'Internal server error' by this API process",
+            "Unhandled exceptions in this API process, each answered as an internal error",
             value=internal_error_count(),
         )
