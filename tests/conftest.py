@@ -322,8 +322,8 @@ class FileServer:
 
 
 def wait_for_job(server, key: str, job_id: int, timeout: float = 120) -> dict:
-    """Fetch until the job is finished; return the last answer."""
-    deadline = time.time() + timeout
+    """Fetch until the job is finished (or `timeout`, scaled to the machine); the last answer."""
+    deadline = time.time() + scaled(timeout)
     while True:
         data = server.post(f"/api/v3/fetch/{job_id}", {"key": key}).json()
         if data["status"] in ("success", "failed", "error") or time.time() > deadline:
