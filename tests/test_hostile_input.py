@@ -109,7 +109,9 @@ def test_deeply_nested_json(server, user_key):
 )
 def test_unstorable_strings_rejected_at_the_edge(server, user_key, field, value):
     before = _jobs(server)
-    body = f'{{"key": "{user_key}", "prompt": "a cat", "width": 64, "height": 64, "{field}": {value}}}'
+    body = (
+        f'{{"key": "{user_key}", "prompt": "a cat", "width": 64, "height": 64, "{field}": {value}}}'
+    )
     data = _raw_post(server, "/api/v3/text2img", body)
     assert data["status"] == "error" and field in data["messege"], data
     assert _jobs(server) == before
@@ -119,7 +121,9 @@ def test_unstorable_strings_rejected_at_the_edge(server, user_key, field, value)
 @pytest.mark.parametrize("field", ["track_id", "guidance_scale"])
 def test_non_finite_numbers_rejected_at_the_edge(server, user_key, field, value):
     before = _jobs(server)
-    body = f'{{"key": "{user_key}", "prompt": "a cat", "width": 64, "height": 64, "{field}": {value}}}'
+    body = (
+        f'{{"key": "{user_key}", "prompt": "a cat", "width": 64, "height": 64, "{field}": {value}}}'
+    )
     data = _raw_post(server, "/api/v3/text2img", body)
     assert data["status"] == "error", data
     assert data["messege"] == {field: [f"The {field} must be a finite number."]}, data
