@@ -9,6 +9,9 @@ from dataclasses import dataclass
 # A job's fixed work (encoding, upload, bookkeeping) in work units (one 512x512 step): without it
 # a tiny job of almost no units would be promised almost no time.
 PER_JOB_UNITS = 1.0
+# A denoising step costs at least a quarter of a 512x512 one, however small the image: below
+# that a step's time is the model's fixed work, not its pixels (tiny and small images).
+STEP_FLOOR_UNITS = 0.25
 # Until any model has been measured: a GPU does a 512x512 SD1.5 step in about 0.05-0.1 s, a CPU
 # in one to a few seconds. Guessing long errs on the side a client can plan with.
 DEFAULT_SECONDS_PER_UNIT = {"gpu": 0.15, "cpu": 3.0}
@@ -41,6 +44,11 @@ class Pending:
     cost: float
     left: float = 1.0  # 1 - step / total_steps for a running job
     loading: bool = False  # claimed, no step yet, its model not resident anywhere
+
+
+def eta_units(cost: float, total_steps: int) -> float:
+    """The work units an eta prices a job at (before its fixed PER_JOB_UNITS)."""
+    return max(cost, STEP_FLOOR_UNITS * total_steps)
 
 
 def unit_seconds(generation_time: float, cost: float, batch_size: float) -> float:

@@ -28,9 +28,11 @@ from sdserve.jobs.db import (
 )
 from sdserve.jobs.eta import (
     MIN_LOAD_SECONDS,
+    STEP_FLOOR_UNITS,
     Estimator,
     ModelTiming,
     Pending,
+    eta_units,
     timing_key,
     unit_seconds,
 )
@@ -42,6 +44,11 @@ _DEFAULT_SECONDS_PER_UNIT = 0.1  # until a model has been measured
 _TIMING_SMOOTHING = 0.3
 _RATE_CACHE_SECONDS = 5.0
 _LIVE_WORKER_SECONDS = 120.0  # as the metrics count live workers
+# What eta.eta_units prices a job at, in SQL.
+_ETA_UNITS = case(
+    (Job.cost > STEP_FLOOR_UNITS * Job.total_steps, Job.cost),
+    else_=STEP_FLOOR_UNITS * Job.total_steps,
+)
 _BATCH_PULL = 7  # later jobs a batch can take along (the default max_batch_size, less one)
 
 
@@ -327,16 +334,17 @@ class JobStore:
         model load, and its own run at its model's measured speed (sdserve.jobs.eta)."""
         estimator = self._estimator()
         key = timing_key(job.model_id, job.kind)
+        units = eta_units(job.cost, job.total_steps)
         if job.status == "processing":
             left = 1 - (job.step / job.total_steps if job.total_steps else 0)
             loading = job.step == 0 and job.model_id not in estimator.resident
             with self.session() as s:  # the jobs sharing its loop: it ends when the loop does
                 count, cost = s.execute(
-                    select(func.count(), func.coalesce(func.sum(Job.cost), 0.0)).where(
+                    select(func.count(), func.coalesce(func.sum(_ETA_UNITS), 0.0)).where(
                         Job.status == "processing", Job.batch_key == job.batch_key
                     )
                 ).one()
-            count, cost = max(count, 1), max(cost, job.cost)
+            count, cost = max(count, 1), max(cost, units)
             loop = Pending(job.model_id, key, cost / count, left, loading)
             eta = estimator.running(loop) + (count - 1) * estimator.running(
                 Pending(job.model_id, key, cost / count, left)
@@ -350,15 +358,15 @@ class JobStore:
                     Job.model_id,
                     Job.kind,
                     func.count(case((before, 1))),
-                    func.coalesce(func.sum(case((before, Job.cost), else_=0.0)), 0.0),
+                    func.coalesce(func.sum(case((before, _ETA_UNITS), else_=0.0)), 0.0),
                     func.count(case((Job.id > job.id, 1))),
-                    func.coalesce(func.sum(case((Job.id > job.id, Job.cost), else_=0.0)), 0.0),
+                    func.coalesce(func.sum(case((Job.id > job.id, _ETA_UNITS), else_=0.0)), 0.0),
                 )
                 .where(Job.status == "queued")
                 .group_by(Job.batch_key, Job.model_id, Job.kind)
             ).all()
             running = s.execute(
-                select(Job.model_id, Job.kind, Job.cost, Job.step, Job.total_steps).where(
+                select(Job.model_id, Job.kind, _ETA_UNITS, Job.step, Job.total_steps).where(
                     Job.status == "processing"
                 )
             ).all()
@@ -377,7 +385,7 @@ class JobStore:
         for batch_key, model_id, kind, count, cost, later, later_cost in queued:
             position += count
             key_ahead = timing_key(model_id, kind)
-            unit = (cost + later_cost) / (count + later) if count + later else job.cost
+            unit = (cost + later_cost) / (count + later) if count + later else units
             if batch_key in batches_ahead:
                 # A batch that runs before this job ends takes later jobs of its kind along, in
                 # its one loop: those queued now, or as many as batches have lately held (jobs
@@ -389,7 +397,7 @@ class JobStore:
                 cost = unit * count
             # One entry per job: each carries its fixed per-job work (eta.PER_JOB_UNITS).
             ahead.extend(Pending(model_id, key_ahead, cost / count) for _ in range(count))
-        eta = estimator.waiting(Pending(job.model_id, key, job.cost), ahead)
+        eta = estimator.waiting(Pending(job.model_id, key, units), ahead)
         return QueueInfo(position, round(eta, 2))
 
     def _estimator(self) -> Estimator:
@@ -586,7 +594,7 @@ class JobStore:
                     generation_time=generation_time,
                     step=Job.total_steps,
                 )
-                .returning(Job.webhook, Job.model_id, Job.kind, Job.cost)
+                .returning(Job.webhook, Job.model_id, Job.kind, Job.cost, Job.total_steps)
                 .execution_options(synchronize_session=False)
             ).first()
             if row is None:
@@ -599,7 +607,9 @@ class JobStore:
             if load >= MIN_LOAD_SECONDS or self._timing_written.get(key, 0.0) < now - 1.0:
                 self._timing_written[key] = now
                 batch = float(timings.get("batch_size") or 1.0)
-                per_unit = unit_seconds(generation_time, row.cost, batch)
+                per_unit = unit_seconds(
+                    generation_time, eta_units(row.cost, row.total_steps), batch
+                )
                 self._record_timing(
                     s, key, per_unit, load if load >= MIN_LOAD_SECONDS else None, batch
                 )
