@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=18)
     parser.add_argument("--rounds", type=int, default=1, help="bursts; the first is cold")
     parser.add_argument("--verbose", action="store_true", help="print every job")
+    parser.add_argument("--data-dir", help="keep the server's data (its measured timings) here")
     args = parser.parse_args()
     env = {
         "SDSERVE_SYNC_WAIT_SECONDS": "0",  # every submission answers `processing` with its eta
@@ -113,7 +114,7 @@ def main() -> None:
         "SDSERVE_SAFETY_CHECKER": "no",
     }
     report = {}
-    with running_server(**env) as url:
+    with running_server(args.data_dir, **env) as url:
         for round_ in range(args.rounds):
             results = run_burst(url, mixed_jobs(args.jobs))
             name = "cold" if round_ == 0 else f"warm{round_}"
