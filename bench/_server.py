@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from sdserve.testing import start_process, stop_process, wait_until_serving
 
 ADMIN_KEY = "bench-admin-key"
 _PIDS: dict[str, int] = {}
@@ -46,7 +46,7 @@ def running_server(data_dir: str | None = None, **env: str):
             **env,
         )
         log = Path(tmp) / "server.log"
-        proc = subprocess.Popen(
+        proc = start_process(
             [
                 sys.executable,
                 "-m",
@@ -57,25 +57,19 @@ def running_server(data_dir: str | None = None, **env: str):
                 "--log-level",
                 "warning",
             ],
-            env=environ,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
+            environ,
+            log,
         )
         url = f"http://127.0.0.1:{port}"
         _PIDS[url] = proc.pid
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:  # say why now, rather than time out every request
-                    raise RuntimeError(f"sdserve serve exited: {log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"sdserve serve did not start: {log.read_text()[-3000:]}")
-                try:
-                    if httpx.get(url + "/openapi.json", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            # On failure this kills the server's process group and raises with its log.
+            wait_until_serving(
+                proc,
+                lambda: httpx.get(url + "/openapi.json", timeout=5).status_code == 200,
+                "benchmark server",
+                log,
+            )
             yield url
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_process(proc, grace=60)

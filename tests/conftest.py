@@ -18,7 +18,18 @@ import httpx
 import pytest
 from PIL import Image
 
-from sdserve.testing import PostgresServer, free_port, postgres_bin
+from sdserve.testing import (
+    PostgresServer,
+    StartFailed,
+    free_port,
+    kill_started,
+    postgres_bin,
+    scaled,
+    start_process,
+    started_count,
+    stop_process,
+    wait_until_serving,
+)
 
 ADMIN_KEY = "test-admin-key"
 
@@ -41,54 +52,43 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
 
 
 class ServerProcess:
-    """`sdserve serve` in a subprocess, as a user runs it."""
+    """`sdserve serve` in a subprocess (its own process group), as a user runs it."""
 
-    def __init__(self, data_dir: Path, **env: str):
+    def __init__(self, data_dir: Path, argv: list[str] | None = None, **env: str):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = base_env(data_dir, **env)
+        self.argv = argv or [
+            sys.executable,
+            "-m",
+            "sdserve.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / f"server-{self.port}.log"
 
-    def start(self) -> ServerProcess:
+    def start(self, seconds: float = 60) -> ServerProcess:
+        """Wait up to `seconds` (scaled to the machine) for it to answer; if it does not, it is
+        killed with everything it started, and the error holds its log."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sdserve.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/openapi.json", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
+        self.proc = start_process(self.argv, self.env, self.log)
+
+        def ready() -> bool:
+            return httpx.get(f"{self.url}/openapi.json", timeout=5).status_code == 200
+
+        wait_until_serving(self.proc, ready, f"server on port {self.port}", self.log, seconds)
+        return self
 
     def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, sig, grace=scaled(30))
 
     def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=180, **kwargs)
@@ -100,19 +100,20 @@ def run_cli(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> st
         env=base_env(data_dir, **(env or {})),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         check=True,
     )
     return out.stdout
 
 
 def start_worker(data_dir: Path, **env: str) -> subprocess.Popen:
-    """`sdserve worker` in a subprocess, on the same data dir as a server."""
-    return subprocess.Popen(
+    """`sdserve worker` in a subprocess, on the same data dir as a server; killed at the end of
+    the test that started it, whatever happens in it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return start_process(
         [sys.executable, "-m", "sdserve.cli", "worker", "--data-dir", str(data_dir)],
-        env=base_env(data_dir, **env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        base_env(data_dir, **env),
+        data_dir / f"worker-{time.monotonic_ns()}.log",
     )
 
 
@@ -138,10 +139,30 @@ def decode_png(url: str) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> ServerProcess:
+    """The shared server. One slow start is retried once (a loaded machine), so that it does not
+    turn into an error in every test that uses it; a second failure shows both logs."""
     data_dir = tmp_path_factory.mktemp("server")
-    srv = ServerProcess(data_dir).start()
+    try:
+        srv = ServerProcess(data_dir).start()
+    except StartFailed as first:
+        try:
+            srv = ServerProcess(data_dir).start(seconds=120)
+        except StartFailed as second:
+            pytest.fail(f"the shared test server did not start twice:\n{first}\n---\n{second}")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """Kill what a test started (servers, workers) and did not stop, even when it failed."""
+    before = started_count()
+    yield
+    kill_started(since=before)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    kill_started()  # session- and module-wide servers too, however the run ends
 
 
 @pytest.fixture(scope="session")
@@ -301,8 +322,8 @@ class FileServer:
 
 
 def wait_for_job(server, key: str, job_id: int, timeout: float = 120) -> dict:
-    """Fetch until the job is finished; return the last answer."""
-    deadline = time.time() + timeout
+    """Fetch until the job is finished (or `timeout`, scaled to the machine); the last answer."""
+    deadline = time.time() + scaled(timeout)
     while True:
         data = server.post(f"/api/v3/fetch/{job_id}", {"key": key}).json()
         if data["status"] in ("success", "failed", "error") or time.time() > deadline:

@@ -9,6 +9,8 @@ import time
 import httpx
 from conftest import ADMIN_KEY, ServerProcess, create_key, decode_png, run_cli, start_worker
 
+from sdserve.testing import scaled
+
 BODY = {
     "model_id": "tiny-sd",
     "prompt": "a lighthouse",
@@ -21,7 +23,7 @@ BODY = {
 
 
 def _wait_success(server, key, job_id, timeout=120) -> dict:
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)  # a loaded CI machine is slower, not broken
     while time.time() < deadline:
         data = server.post(f"/api/v3/dreambooth/fetch/{job_id}", {"key": key}).json()
         if data["status"] != "processing":

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from sdserve.errors import JobNotFound, RateLimited
+from sdserve.jobs.control import ControlChannel, WorkerInfo
 from sdserve.jobs.store import JobStore
 
 
@@ -109,8 +110,11 @@ def test_queue_limit(store):
 def test_queue_info_counts_work_ahead(store):
     timed = submit(store)
     [claimed] = store.claim_batch("w", 1, 30)
-    store.complete(claimed.id, "w", {"output_keys": []}, 0.5)  # measures 0.5 s per unit
-    first, second = submit(store), submit(store)
+    store.complete(claimed.id, "w", {"output_keys": []}, 0.5)  # measures 0.5 s for this job
+    ControlChannel(store).advertise(  # a live worker with the model loaded: no load in the eta
+        WorkerInfo("w", "h", "cpu", None, None, ["m"], "idle", time.time())
+    )
+    first, second = submit(store, "A"), submit(store, "B")
     assert timed.id == claimed.id
     assert store.queue_info(second).position == 1
     assert store.queue_info(second).eta == pytest.approx(1.0)

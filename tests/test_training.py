@@ -270,6 +270,35 @@ def test_cancel_then_delete(server, user_key):
     assert gone["message"] == "Training not found"
 
 
+def test_status_shows_steps_and_an_eta_while_training(server, user_key):
+    started = server.post(
+        "/api/v3/lora_fine_tune", {"key": user_key, **train_body(max_train_steps=80)}
+    ).json()
+    training_id = started["training_id"]
+    deadline = time.time() + 300
+    seen = None
+    while time.time() < deadline:
+        status = server.post(f"/api/v3/fine_tune_status/{training_id}", {"key": user_key}).json()
+        progress = status["progress"]
+        assert progress["total_steps"] == 80
+        assert progress["text"] == f"{progress['step']}/80"
+        if status["messege"] == "training_started" and 0 < progress["step"] < 80:
+            seen = (time.time(), progress["step"], status["eta"])
+            break
+        assert status["messege"] != "model_ready", "finished before any step was shown"
+        time.sleep(0.1)
+    assert seen is not None, "no step count was shown while training"
+    observed_at, step, eta = seen
+    assert isinstance(eta, float) and eta > 0
+    done = wait_stage(server, user_key, training_id)
+    remaining = time.time() - observed_at
+    # This run's own pace (load included) errs long, never wildly short.
+    assert remaining <= 2 * eta + 10, (step, eta, remaining)
+    assert done["messege"] == "model_ready"
+    assert done["progress"] == {"step": 80, "total_steps": 80, "text": "80/80"}
+    assert done["eta"] == 0
+
+
 def test_delete_removes_the_model_id(server, user_key):
     done = server.post(
         "/api/v3/fine_tune",

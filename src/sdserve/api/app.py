@@ -16,6 +16,7 @@ from sdserve import __version__
 from sdserve.api import admin, fetch, operations, plans, system, training, utilities
 from sdserve.api.docs import mount_docs
 from sdserve.api.envelope import error_response, http_error_body, job_body
+from sdserve.api.failures import InternalErrors, internal_error_response, record_internal_error
 from sdserve.api.families import family_router
 from sdserve.api.state import ServerState
 from sdserve.engine.base import Runtime
@@ -134,11 +135,11 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response(InvalidRequest("Invalid API Request"), settings)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
-        log.exception("unhandled error")
-        error = SdserveError("Internal server error. Please try again.")
-        error.http_status = 500
-        return error_response(error, settings)
+    async def _unexpected(request: Request, exc: Exception):
+        record_internal_error(request.scope, exc)
+        return internal_error_response(settings)
+
+    app.add_middleware(InternalErrors, settings=settings)
 
     app.include_router(family_router(registered(settings)))
     app.include_router(training.router)

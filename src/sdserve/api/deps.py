@@ -4,7 +4,6 @@ merged), the authenticated key and whether it is the admin key. No route reads a
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -16,6 +15,7 @@ from starlette.formparsers import MultiPartParser
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import InvalidKey, InvalidRequest
 from sdserve.jobs.keys import KeyRing, Principal
+from sdserve.jsonbody import check_values, parse_json_object
 from sdserve.settings import Settings
 
 
@@ -60,9 +60,11 @@ async def read_body(request: Request, settings: Settings) -> dict[str, Any]:
     elif kind == "application/x-www-form-urlencoded" or (not kind and raw.lstrip()[:1] != b"{"):
         body = _fields(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
     else:
-        body = _json_object(raw)
+        body = parse_json_object(raw)  # also refuses NaN, lone surrogates, NUL, deep nesting
     if request.query_params:
-        return {**dict(request.query_params), **body}
+        body = {**dict(request.query_params), **body}
+    if kind != "application/json" or request.query_params:
+        check_values(body)
     return body
 
 
@@ -77,19 +79,6 @@ async def _read_capped(request: Request, settings: Settings) -> bytes:
             raise _too_large(settings)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest(
-            "Invalid API Request",
-            tip="The request body must be valid JSON with Content-Type: application/json.",
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("Invalid API Request", tip="The request body must be a JSON object.")
-    return body
 
 
 def _fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

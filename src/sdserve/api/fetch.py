@@ -11,6 +11,7 @@ from sdserve.api.envelope import job_body
 from sdserve.api.state import get_state
 from sdserve.api.submit import job_response
 from sdserve.errors import JobNotFound
+from sdserve.ids import parse_job_id
 
 router = APIRouter(tags=["fetch"])
 
@@ -30,10 +31,10 @@ REQUEST_ID_PATHS = [
 
 
 def _parse_id(value) -> int:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        raise JobNotFound() from None
+    job_id = parse_job_id(value)
+    if job_id is None:
+        raise JobNotFound()
+    return job_id
 
 
 async def _fetch(request: Request, raw_id) -> dict:

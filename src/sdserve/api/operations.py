@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
+from sdserve.api.failures import internal_error_count
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import SdserveError
 from sdserve.extras import require
@@ -186,4 +187,9 @@ class _DatabaseCollector:
         )
         yield CounterMetricFamily(
             "sdserve_webhooks_given_up", "Webhooks dropped after every retry failed", value=given_up
+        )
+        yield CounterMetricFamily(
+            "sdserve_internal_errors",
+            "Unhandled exceptions in this API process, each answered as an internal error",
+            value=internal_error_count(),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +13,9 @@ from sdserve.api.deps import authenticate
 from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import BadImage, ValidationFailed
+from sdserve.ids import is_token_id
 from sdserve.jobs.keys import Principal
+from sdserve.jobs.store import JobView, TrainingNotFound
 from sdserve.media.images import encode_png, load_image_input
 from sdserve.schemas.training import (
     TrainingKind,
@@ -114,17 +117,23 @@ def _make_create(kind: TrainingKind):
     return create
 
 
-async def _caller(request: Request) -> tuple[ServerState, Principal]:
+async def _caller(
+    request: Request, training_id: str | None = None
+) -> tuple[ServerState, Principal]:
     state = get_state(request)
     body = await read_json_body(request, state.settings)
-    return state, authenticate(request, body, state.keys)
+    principal = authenticate(request, body, state.keys)
+    if training_id is not None and not is_token_id(training_id):
+        raise TrainingNotFound()  # ids are short ASCII tokens; nothing else reaches the store
+    return state, principal
 
 
 async def training_status(request: Request, training_id: str):
-    state, principal = await _caller(request)
+    state, principal = await _caller(request, training_id)
     training = await run_in_threadpool(state.store.get_training, training_id, principal.owner)
     stage = training["stage"]
     status = "failed" if stage in ("training_failed", "training_cancelled") else "success"
+    job = await run_in_threadpool(state.store.get, training["job_id"])
     return {
         "status": status,
         "messege": stage,
@@ -132,18 +141,37 @@ async def training_status(request: Request, training_id: str):
         "data": training["log"],
         "training_id": training_id,
         "model_id": training_id,
+        # Not in the hosted API, as in fetch: how far it is and how long it has left.
+        **await run_in_threadpool(training_progress, state, job),
     }
 
 
+def training_progress(state: ServerState, job: JobView) -> dict[str, Any]:
+    """`progress` (steps done of total, also as "40/200") and `eta` in seconds: the queue's
+    estimate while it waits, then this run's own pace so far (model load and class images
+    included, so it errs long), and 0 once it has ended."""
+    step, total = job.step, job.total_steps
+    eta: float | None
+    if job.status == "queued":
+        eta = state.store.queue_info(job).eta
+    elif job.status == "processing":
+        elapsed = time.time() - (job.started_at or time.time())
+        eta = round(elapsed / step * (total - step), 1) if step > 0 else None
+    else:
+        eta = 0.0
+    progress = {"step": step, "total_steps": total, "text": f"{step}/{total}"}
+    return {"progress": progress, "eta": eta}
+
+
 async def cancel_training(request: Request, training_id: str):
-    state, principal = await _caller(request)
+    state, principal = await _caller(request, training_id)
     await run_in_threadpool(state.store.request_cancel, training_id, principal.owner)
     return _ok("Training cancelled", training_id=training_id)
 
 
 async def delete_training(request: Request, training_id: str):
     """Stop it if running, then remove the model id and every file the training made."""
-    state, principal = await _caller(request)
+    state, principal = await _caller(request, training_id)
     await run_in_threadpool(state.store.delete_training, training_id, principal.owner)
     data_dir = state.settings.data_dir
     lora = data_dir / "loras" / f"{training_id}.safetensors"

@@ -19,6 +19,7 @@ from sdserve.api.state import ServerState, get_state
 from sdserve.engine.prompt_filter import check_prompt
 from sdserve.engine.safety import NsfwChecker
 from sdserve.errors import InvalidKey, JobNotFound, ValidationFailed
+from sdserve.ids import is_decimal, parse_job_id
 from sdserve.jobs.keys import Principal
 from sdserve.media.images import decode_base64_image, encode_png, load_image_input
 
@@ -109,10 +110,11 @@ async def delete_image(request: Request):
     """Delete an uploaded image, or a finished request's outputs, by request id."""
     state, body, principal = await _caller(request)
     raw = body.get("request_id", body.get("id"))
-    try:
-        job_id = int(str(raw).strip())
-    except (TypeError, ValueError):
-        raise ValidationFailed({"request_id": ["The request id must be an integer."]}) from None
+    job_id = parse_job_id(raw)
+    if job_id is None:
+        if is_decimal(raw):
+            raise JobNotFound("Image not found")  # a number, of no job (2^64 included)
+        raise ValidationFailed({"request_id": ["The request id must be an integer."]})
     kind = str(body.get("type") or "image").strip().lower()
     if kind not in ("image", "video", "voice", "3d"):
         raise ValidationFailed({"type": ["The type must be image, video, voice or 3d."]})

@@ -105,6 +105,8 @@ class StepTiming(Base):
     model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     seconds_per_unit: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    load_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # a cold load
+    batch_size: Mapped[float | None] = mapped_column(Float, nullable=True)  # jobs per loop, lately
 
 
 class Training(Base):

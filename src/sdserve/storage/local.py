@@ -27,6 +27,7 @@ class LocalStorage:
             not parts
             or any(part in ("..", "") or part.startswith("/") for part in parts)
             or "\\" in key
+            or "\x00" in key  # the OS refuses NUL in a path with a ValueError, not a miss
         ):
             raise InvalidStorageKey(key)
         path = (self.root / Path(*parts)).resolve()

@@ -1,0 +1,111 @@
+"""`eta` on a real job store: a cold worker's model load, the work ahead at each model's own measured
+speed, and a tiny job's fixed cost are all in it (reference §16.2)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sdserve.jobs.control import ControlChannel, WorkerInfo
+from sdserve.jobs.store import JobStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+def _submit(store: JobStore, model_id: str, cost: float, batch_key: str | None = None):
+    return store.submit(
+        kind="text2img",
+        dialect="community",
+        model_id=model_id,
+        batch_key=batch_key or f"{model_id}|{cost}",
+        owner="key:1",
+        params={},
+        total_steps=2,  # a step floor (eta.STEP_FLOOR_UNITS) under the costs here
+        cost=cost,
+        track_id=None,
+        webhook=None,
+        queue_limit=None,
+    )
+
+
+def _measure(store: JobStore, model_id: str, seconds: float, load: float = 0.0) -> None:
+    """One job of `model_id` (cost 1) run to success in `seconds`, after a `load` s model load."""
+    job = _submit(store, model_id, 1.0)
+    [claimed] = store.claim_batch("w-measure", max_size=1, lease_seconds=30)
+    assert claimed.id == job.id
+    timings = {"model_load": load, "batch_size": 1}
+    assert store.complete(job.id, "w-measure", {"timings": timings}, seconds)
+
+
+def _worker(store: JobStore, resident: list[str]) -> None:
+    ControlChannel(store).advertise(
+        WorkerInfo(
+            worker_id="w1",
+            hostname="h",
+            device="cpu",
+            gpu_name=None,
+            gpu_memory_mb=None,
+            resident=resident,
+            state="idle",
+            last_seen=time.time(),
+        )
+    )
+
+
+def _fresh(url: str) -> JobStore:
+    """Another API process on the same database: nothing cached."""
+    store = JobStore(url)
+    store.create_schema()
+    return store
+
+
+def test_a_cold_worker_s_model_load_is_in_the_eta(url):
+    store = _fresh(url)
+    _measure(store, "m", seconds=2.0, load=8.0)  # 1 s a unit (with the job's fixed unit)
+    _worker(store, resident=[])
+    job = _submit(store, "m", 1.0)
+    cold = _fresh(url).queue_info(job).eta
+    assert cold >= 8.0 + 2.0, cold
+    _worker(store, resident=["m"])
+    warm = _fresh(url).queue_info(job).eta
+    assert 1.5 <= warm <= 3.0, warm
+
+
+def test_work_ahead_is_priced_at_its_own_model_s_speed(url):
+    store = _fresh(url)
+    _measure(store, "slow", seconds=10.0)  # 5 s a unit
+    _measure(store, "fast", seconds=0.2)  # 0.1 s a unit
+    _worker(store, resident=["slow", "fast"])
+    _submit(store, "slow", 4.0)  # 25 s of work
+    job = _submit(store, "fast", 1.0)
+    info = _fresh(url).queue_info(job)
+    assert info.position == 1
+    assert 25.0 <= info.eta <= 26.0, info
+
+
+def test_a_tiny_job_is_not_promised_almost_no_time(url):
+    store = _fresh(url)
+    _measure(store, "m", seconds=3.0)  # a cost-1 job in 3 s: mostly fixed work
+    _worker(store, resident=["m"])
+    job = _submit(store, "m", 0.01)  # 64x64 at 2 steps is about 0.03 units
+    assert _fresh(url).queue_info(job).eta >= 1.0
+
+
+def test_a_batch_s_later_jobs_come_before_this_one_ends(url):
+    store = _fresh(url)
+    _measure(store, "m", seconds=2.0)  # 1 s a unit
+    _worker(store, resident=["m"])
+    first = _submit(store, "m", 1.0, batch_key="A")
+    _submit(store, "m", 1.0, batch_key="B")
+    job = _submit(store, "m", 1.0, batch_key="B")
+    _submit(store, "m", 1.0, batch_key="A")  # later, but claimed with `first`, ahead of `job`
+    info = _fresh(url).queue_info(job)
+    assert info.position == 2
+    assert info.eta >= 4 * 2.0, info
+    assert _fresh(url).queue_info(first).eta >= 2 * 2.0  # its batch's loop holds two jobs
