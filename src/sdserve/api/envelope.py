@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from fastapi.responses import JSONResponse
 
 from sdserve.errors import FieldError, RateLimited, SdserveError, ValidationFailed
@@ -16,6 +17,19 @@ UrlOf = Callable[[str], str]  # storage key -> public URL
 _DEFAULT_FETCH_PATH = "/api/v3/fetch/{id}"
 _DEFAULT_PROCESSING_MESSAGE = "Try to fetch request after seconds estimated"
 _PROCESSING_TIP = "Your image is processing in background, you can get this image using fetch API"
+
+
+class FastJSON(JSONResponse):
+    """JSON rendered by orjson: several times quicker than the standard library on job answers."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def answer(body: dict[str, Any]) -> JSONResponse:
+    """A finished answer as a response: FastAPI's encoder walks every value of a returned dict
+    again (a third of a fetch's time); these bodies are plain JSON already."""
+    return FastJSON(body)
 
 
 def ok(message: str, **extra: Any) -> dict[str, Any]:

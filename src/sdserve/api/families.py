@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api import fetch
 from sdserve.api.deps import AdminDep, Caller, CallerDep
+from sdserve.api.envelope import answer
 from sdserve.api.submit import submit_spec
 from sdserve.families import Family
 from sdserve.schemas.common import Context, Route
@@ -41,7 +42,7 @@ def _endpoint(route: Route):
         state = found.state
         context = Context(state.settings, state.registry, found.principal.owner)
         spec = await run_in_threadpool(route.build, found.body, context)
-        return await submit_spec(state, found.principal, spec, route.dialect)
+        return answer(await submit_spec(state, found.principal, spec, route.dialect))
 
     if route.admin_only:
 

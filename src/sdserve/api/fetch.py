@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.deps import authenticate
-from sdserve.api.deps import read_body as read_json_body
-from sdserve.api.envelope import job_body
-from sdserve.api.state import get_state
+from sdserve.api.deps import Caller, CallerDep
+from sdserve.api.envelope import answer, job_body
 from sdserve.api.submit import job_response
 from sdserve.errors import JobNotFound
 from sdserve.ids import parse_job_id
@@ -37,26 +36,24 @@ def _parse_id(value) -> int:
     return job_id
 
 
-async def _fetch(request: Request, raw_id) -> dict:
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    principal = authenticate(request, body, state.keys)
+async def _fetch(found: Caller, raw_id) -> JSONResponse:
+    state, principal = found.state, found.principal
     if raw_id is None:
-        raw_id = body.get("request_id", body.get("id", request.query_params.get("request_id")))
+        raw_id = found.body.get("request_id", found.body.get("id"))
     job_id = _parse_id(raw_id)
     job = state.store.get_finished(job_id, principal.owner)
     if job is not None:  # the common case, answered from memory
-        return job_body(job, None, state.settings.base_url, state.output_url)
+        return answer(job_body(job, None, state.settings.base_url, state.output_url))
     job = await run_in_threadpool(state.store.get, job_id, principal.owner)
-    return await run_in_threadpool(job_response, state, job)
+    return answer(await run_in_threadpool(job_response, state, job))
 
 
-async def fetch_by_path(request: Request, id: str):  # noqa: A002 - the path says {id}
-    return await _fetch(request, id)
+async def fetch_by_path(found: CallerDep, id: str):  # noqa: A002 - the path says {id}
+    return await _fetch(found, id)
 
 
-async def fetch_by_request_id(request: Request):
-    return await _fetch(request, None)
+async def fetch_by_request_id(found: CallerDep):
+    return await _fetch(found, None)
 
 
 # One route per method, so that each gets its own OpenAPI operation id.

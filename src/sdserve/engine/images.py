@@ -214,8 +214,11 @@ class ImageEngine:
                 )
                 for i in items
             ]
-            for group in encode_in_groups(pipe, prompts, results):
-                self._denoise(pipe, items, group, results, model_load)
+            encoding = time.perf_counter()
+            groups = encode_in_groups(pipe, prompts, results)
+            encode = (time.perf_counter() - encoding) / max(len(items), 1)  # per job: its prompts
+            for group in groups:
+                self._denoise(pipe, items, group, results, {"model_load": model_load, "encode": encode})
 
         # 3. NSFW check and replacement, per job
         for index, item in enumerate(items):
@@ -245,21 +248,28 @@ class ImageEngine:
         choice = resolve_scheduler_name(
             first.scheduler, first.use_karras_sigmas, first.algorithm_type
         )
-        overrides = {"scheduler": make_scheduler(base.scheduler.config, choice)}
-        if first.vae:
-            path = self.registry.resolve_vae(first.vae)
-            # kept resident like a model, not reloaded for every job that names it
-            overrides["vae"] = self.cache.get(
-                f"vae:{first.vae}:{first.model_id}",
-                lambda: self.registry.load_vae(path, base.vae, self.dtype).to(self.device),
-            )
-        pipe = _TASK_PIPELINES[first.kind].from_pipe(base, **overrides)
-        pipe.set_progress_bar_config(disable=True)
+        # The task's pipeline over the same components, made once per base pipeline (it goes
+        # when the base is evicted); only the scheduler is new for every batch.
+        tasks = base.__dict__.setdefault("_sdserve_tasks", {})
+        pipe = tasks.get((first.kind, first.vae))
+        if pipe is None:
+            overrides = {}
+            if first.vae:
+                path = self.registry.resolve_vae(first.vae)
+                # kept resident like a model, not reloaded for every job that names it
+                overrides["vae"] = self.cache.get(
+                    f"vae:{first.vae}:{first.model_id}",
+                    lambda: self.registry.load_vae(path, base.vae, self.dtype).to(self.device),
+                )
+            pipe = _TASK_PIPELINES[first.kind].from_pipe(base, **overrides)
+            pipe.set_progress_bar_config(disable=True)
+            tasks[(first.kind, first.vae)] = pipe
+        pipe.scheduler = make_scheduler(base.scheduler.config, choice)
         if self.device.type == "cuda":
             acceleration.tile_vae_for(pipe, first.width, first.height, self.settings)
         return pipe, choice, model_load
 
-    def _denoise(self, pipe, items, group, results, model_load: float) -> None:
+    def _denoise(self, pipe, items, group, results, before: dict[str, float]) -> None:
         """Run `group` (indices into items, with their prompt embeddings) as one pipeline call."""
 
         def run(group) -> None:
@@ -273,7 +283,7 @@ class ImageEngine:
                     results[index] = EngineError("Generation failed: the model produced NaN values")
                     continue
                 images = pipe.numpy_to_pil(arrays)
-                timings = {"model_load": model_load, **stages, "batch_size": len(group)}
+                timings = {**before, **stages, "batch_size": len(group)}
                 results[index] = ImageResult(
                     images, [False] * len(images), "", stages["denoise"] + stages["decode"], timings
                 )

@@ -210,6 +210,7 @@ class VideoEngine:
                 decode = time.perf_counter() - decoding
                 stages = {
                     "model_load": model_load,
+                    "encode": encode,
                     "denoise": denoise,
                     "decode": decode,
                     "batch_size": len(group),
@@ -219,7 +220,10 @@ class VideoEngine:
         prompts = [
             ([i.params.prompt], [i.params.negative_prompt], i.params.clip_skip) for i in items
         ]
-        for group in encode_in_groups(pipe, prompts, results):
+        encoding = time.perf_counter()
+        groups = encode_in_groups(pipe, prompts, results)
+        encode = (time.perf_counter() - encoding) / max(len(items), 1)  # per clip: its prompts
+        for group in groups:
             split_on_oom(group, run, results, unit="frames")
         return results
 

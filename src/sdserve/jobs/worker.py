@@ -325,8 +325,9 @@ class Worker:
                 time.sleep(1.0)
 
     def _progress(self, job: JobView):
-        """A step callback that writes progress (and renews the lease) at most every 0.2 s."""
-        last_write = [0.0]
+        """A step callback that writes progress (and renews the lease) at most every 0.2 s, the
+        first time 0.2 s after the job starts: a quicker job writes none."""
+        last_write = [time.monotonic()]
 
         def on_step(done: int, total: int) -> None:
             now = time.monotonic()
