@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdserve.errors import ValidationFailed
+from sdserve.net import url_field_errors
 from sdserve.schemas.coerce import Flag, Float, FloatList, Int, StrList, Text, yes_no
 from sdserve.settings import Settings
 
@@ -251,8 +252,7 @@ def normalize_image_request(
             errors["clip_skip"] = ["The clip skip must be between 1 and 8."]
         clip_skip = max(1, min(clip_skip, 8))
 
-    if req.webhook and not req.webhook.startswith(("http://", "https://")):
-        errors["webhook"] = ["The webhook must be a valid http or https URL."]
+    errors.update(url_field_errors(req.webhook, settings, "webhook"))
 
     if errors:
         raise ValidationFailed(errors)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdserve.errors import ValidationFailed
 from sdserve.media.video import VIDEO_FORMATS
+from sdserve.net import url_field_errors
 from sdserve.schemas.coerce import Flag, Float, FloatList, Int, StrList, Text, yes_no
 from sdserve.schemas.images import validation_error_map
 from sdserve.settings import Settings
@@ -208,8 +209,7 @@ def normalize_video_request(
     output_type = (req.output_type or d["type"]).strip().lower()
     if output_type not in VIDEO_FORMATS:
         errors["output_type"] = [f"The output type must be one of: {', '.join(VIDEO_FORMATS)}."]
-    if req.webhook and not req.webhook.startswith(("http://", "https://")):
-        errors["webhook"] = ["The webhook must be a valid http or https URL."]
+    errors.update(url_field_errors(req.webhook, settings, "webhook"))
     if errors:
         raise ValidationFailed(errors)
 
