@@ -107,7 +107,7 @@ async def _queue_import(
     elif req.source_kind == "trained":
         await run_in_threadpool(state.store.get_training, req.source, principal.owner)
     if req.config_model_id:
-        await run_in_threadpool(state.registry.config_folder, req.config_model_id)
+        await run_in_threadpool(state.registry.config_folder, req.config_model_id, principal.owner)
     spec = {
         "model_id": req.model_id,
         "source": req.source,

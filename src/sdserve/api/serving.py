@@ -59,11 +59,11 @@ async def submit_image_job(
         params.scheduler, params.use_karras_sigmas, params.algorithm_type
     )
     for lora_id, _ in params.loras:
-        state.registry.resolve_lora(lora_id)
+        state.registry.resolve_lora(lora_id, principal.owner)
     if params.embeddings_model:
-        state.registry.resolve_embedding(params.embeddings_model)
+        state.registry.resolve_embedding(params.embeddings_model, principal.owner)
     if params.vae:
-        state.registry.resolve_vae(params.vae)
+        state.registry.resolve_vae(params.vae, principal.owner)
 
     input_keys = {}
     for field in ("init_image", "mask_image"):
@@ -172,7 +172,7 @@ async def submit_video_job(
         )
     choice = resolve_scheduler_name(params.scheduler, None, None)
     for lora_id, _ in params.loras:
-        state.registry.resolve_lora(lora_id)
+        state.registry.resolve_lora(lora_id, principal.owner)
 
     input_keys = {}
     if kind == "svd" or (req.init_image and not req.init_video):

@@ -32,8 +32,8 @@ async def model_list(request: Request):
     """A bare JSON array, as the hosted API answers (clients forward it verbatim)."""
     state = get_state(request)
     body = await read_json_body(request, state.settings)
-    authenticate(request, body, state.keys)
-    models = await run_in_threadpool(state.registry.list_models)
+    principal = authenticate(request, body, state.keys)
+    models = await run_in_threadpool(state.registry.list_models, principal.owner)
     return [
         {
             "model_id": m["model_id"],
