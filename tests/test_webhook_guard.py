@@ -59,7 +59,9 @@ def test_private_webhooks_refused_at_submit(guarded_server, webhook_receiver):
             ("/api/v3/text2img", {}),
             ("/api/v4/dreambooth/text2video", {"num_frames": 2, "model_id": "tiny-sd"}),
         ):
-            message = _error(guarded_server.post(path, {"key": key, **BODY, **extra, "webhook": url}))
+            message = _error(
+                guarded_server.post(path, {"key": key, **BODY, **extra, "webhook": url})
+            )
             assert "webhook" in message, (url, message)
     assert _jobs(guarded_server) == before  # nothing was queued
     assert webhook_receiver.received == []

@@ -33,6 +33,7 @@ from sdserve.schemas.video import (
     normalize_video_request,
     parse_video_request,
 )
+from sdserve.storage.chaining import OwnOutputs
 
 _POLL_SECONDS = 0.25  # re-check for workers in other processes, which cannot wake us
 
@@ -69,7 +70,7 @@ async def submit_image_job(
     for field in ("init_image", "mask_image"):
         value = getattr(req, field)
         if value and kind != "text2img" and (field == "init_image" or kind == "inpaint"):
-            image = await load_image_input(value, field, settings)
+            image = await load_image_input(value, field, settings, OwnOutputs.of(state, principal))
             key = state.storage.new_key(f"inputs/{params.file_prefix}/{field}.png")
             await run_in_threadpool(state.storage.put, key, encode_png(image))
             input_keys[field] = key
@@ -176,13 +177,17 @@ async def submit_video_job(
 
     input_keys = {}
     if kind == "svd" or (req.init_image and not req.init_video):
-        image = await load_image_input(req.init_image, "init_image", settings)
+        image = await load_image_input(
+            req.init_image, "init_image", settings, OwnOutputs.of(state, principal)
+        )
         input_keys["init_image"] = state.storage.new_key(
             f"inputs/{params.file_prefix}/init_image.png"
         )
         await run_in_threadpool(state.storage.put, input_keys["init_image"], encode_png(image))
     elif req.init_video:
-        data = await read_input_bytes(req.init_video, "init_video", settings)
+        data = await read_input_bytes(
+            req.init_video, "init_video", settings, OwnOutputs.of(state, principal)
+        )
         await run_in_threadpool(decode_video, data, "init_video", settings.max_video_frames)
         input_keys["init_video"] = state.storage.new_key(f"inputs/{params.file_prefix}/init_video")
         await run_in_threadpool(state.storage.put, input_keys["init_video"], data)

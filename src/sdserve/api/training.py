@@ -19,6 +19,7 @@ from sdserve.schemas.training import (
     normalize_training_request,
     parse_training_request,
 )
+from sdserve.storage.chaining import OwnOutputs
 
 router = APIRouter(tags=["training"])
 
@@ -65,10 +66,11 @@ async def submit_training(
 
     # Every image is decoded before anything is stored, so a bad one leaves nothing behind.
     images = []
+    own = OwnOutputs.of(state, principal)
     for index, value in enumerate(req.images or []):
         if not isinstance(value, str) or not value.strip():
             raise BadImage(f"images[{index}]", f"images[{index}] is empty")
-        images.append(await load_image_input(value, f"images[{index}]", settings))
+        images.append(await load_image_input(value, f"images[{index}]", settings, own))
     for index, image in enumerate(images):
         key = f"inputs/train/{params.training_id}/{index:03d}.png"
         await run_in_threadpool(state.storage.put, key, encode_png(image))

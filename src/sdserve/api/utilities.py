@@ -20,6 +20,7 @@ from sdserve.engine.safety import NsfwChecker
 from sdserve.errors import InvalidKey, JobNotFound, ValidationFailed
 from sdserve.jobs.keys import Principal
 from sdserve.media.images import decode_base64_image, encode_png, load_image_input
+from sdserve.storage.chaining import OwnOutputs
 
 router = APIRouter(tags=["utilities"])
 _BASE64_TO_URL_LIMIT = 5 * 1024 * 1024  # the hosted API's 5 MB
@@ -134,7 +135,8 @@ async def nsfw_image_check(request: Request):
     if request.url.path.startswith("/api/v1/enterprise") and not principal.is_admin:
         raise InvalidKey()
     value = _text(body, "init_image")
-    image = await load_image_input(value, "init_image", state.settings)
+    own = OwnOutputs.of(state, principal)
+    image = await load_image_input(value, "init_image", state.settings, own)
     checker = NsfwChecker(state.settings.nsfw_threshold)
     flagged = await run_in_threadpool(checker.is_nsfw, image)
     if value.lower().startswith(("http://", "https://")):
