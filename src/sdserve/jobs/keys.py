@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -41,12 +42,13 @@ class KeyRing:
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._default_limit = default_queue_limit
         # digest -> (principal or None, expiry): keeps the key's plan lookups off the hot path.
-        # A cached key is still checked for revocation on every request (one primary-key read,
-        # ~0.1 ms), so a revocation by any process, the CLI included, takes effect at once.
+        # A cached key is still checked for revocation on every request (one primary-key read),
+        # so a revocation by any process, the CLI included, takes effect at once.
         self._cache: dict[str, tuple[Principal | None, float]] = {}
         mark = "?" if store.engine.dialect.paramstyle == "qmark" else "%s"  # SQLite, psycopg
         self._live_sql = f"SELECT 1 FROM api_keys WHERE id = {mark} AND revoked_at IS NULL"
         self._driver_errors = (SQLAlchemyError, store.engine.dialect.loaded_dbapi.Error)
+        self._local = threading.local()
 
     def create(
         self,
@@ -141,21 +143,43 @@ class KeyRing:
         return principal
 
     def _not_revoked(self, key_id: int | None) -> bool:
-        # A pooled driver connection, no SQLAlchemy transaction: 0.1 ms, a fifth of a Session's.
         try:
-            connection = self._store.engine.raw_connection()
+            cursor = self._check_connection().cursor()
             try:
-                cursor = connection.cursor()
                 cursor.execute(self._live_sql, (key_id,))
-                live = cursor.fetchone() is not None
-                cursor.close()
-                return live
+                return cursor.fetchone() is not None
             finally:
-                connection.close()
+                cursor.close()
         except self._driver_errors:
+            self._drop_check_connection()  # reconnect on the next request
             # Revoking writes this database, so while it is unreachable nothing was revoked
             # since the key was cached: keep serving it (finished-job fetches need no database).
             return True
+
+    def _check_connection(self):
+        """This thread's own driver connection in autocommit mode: one round trip per check,
+        none of the pool's checkout, BEGIN or ROLLBACK (0.09 ms on SQLite, 0.25 on PostgreSQL).
+        Requests authenticate on the event loop's thread, so a process holds one or two."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            dialect = self._store.engine.dialect
+            cargs, cparams = dialect.create_connect_args(self._store.engine.url)
+            connection = dialect.connect(*cargs, **cparams)
+            if self._store.is_sqlite:
+                connection.isolation_level = None
+            else:
+                connection.autocommit = True
+            self._local.connection = connection
+        return connection
+
+    def _drop_check_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            try:
+                connection.close()
+            except self._driver_errors:
+                pass
 
     # ---- plans -----------------------------------------------------------------------------
 
