@@ -170,11 +170,21 @@ def user_key(server) -> str:
     return create_key(server.data_dir)
 
 
+@pytest.fixture(scope="session")
+def guarded_server(tmp_path_factory) -> ServerProcess:
+    """A server with the private-address guard on, as deployed by default."""
+    data_dir = tmp_path_factory.mktemp("guarded")
+    srv = ServerProcess(data_dir, SDSERVE_ALLOW_PRIVATE_URLS="0").start()
+    yield srv
+    srv.stop()
+
+
 class WebhookReceiver:
     """A real HTTP server on loopback that records POSTs and can fail the first N of them."""
 
     def __init__(self, fail_first: int = 0):
         self.received: list[dict] = []
+        self.headers: list[dict[str, str]] = []  # of each received POST, lower-case names
         self.attempts = 0
         self.fail_first = fail_first
         receiver = self
@@ -188,6 +198,7 @@ class WebhookReceiver:
                     self.send_response(500)
                     self.end_headers()
                     return
+                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 receiver.received.append(payload)
                 self.send_response(200)
                 self.end_headers()

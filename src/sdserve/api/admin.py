@@ -41,7 +41,7 @@ from sdserve.errors import (
 )
 from sdserve.jobs.catalogue import DuplicateModel
 from sdserve.jobs.keys import Principal
-from sdserve.net import BlockedUrl, acheck_public_url, check_url_syntax
+from sdserve.net import BlockedUrl, acheck_public_url, arequire_public_url, check_url_syntax
 from sdserve.schemas.models import ImportRequest, parse_load_model
 
 router = APIRouter(tags=["enterprise"])
@@ -118,6 +118,7 @@ async def _queue_import(
         raise DuplicateModel(req.model_id)
     if existing is not None and not (principal.is_admin or existing.owner == principal.owner):
         raise DuplicateModel(req.model_id)
+    await arequire_public_url(req.webhook, state.settings, "webhook")
     if req.source_kind == "url":
         try:
             check_url_syntax(req.source)
@@ -130,7 +131,7 @@ async def _queue_import(
     elif req.source_kind == "trained":
         await run_in_threadpool(state.store.get_training, req.source, principal.owner)
     if req.config_model_id:
-        await run_in_threadpool(state.registry.config_folder, req.config_model_id)
+        await run_in_threadpool(state.registry.config_folder, req.config_model_id, principal.owner)
     spec = {
         "model_id": req.model_id,
         "source": req.source,
@@ -302,15 +303,11 @@ async def sync_models(request: Request):
         raise ValidationFailed(errors)
     peer = peer.strip().rstrip("/")
     listing_url = f"{peer}/api/v1/enterprise/get_all_models"
+    await arequire_public_url(listing_url, state.settings, "sync_url")
     try:
-        check_url_syntax(listing_url)
-        if not state.settings.allow_private_urls:
-            await acheck_public_url(listing_url)
         async with httpx.AsyncClient(timeout=30) as client:
             response = await client.post(listing_url, json={"key": sync_key})
         listing = response.json()
-    except BlockedUrl as exc:
-        raise ValidationFailed({"sync_url": [f"The sync_url {exc}."]}) from None
     except (httpx.HTTPError, ValueError) as exc:
         raise NotAvailable(f"Could not read the model list of {peer}: {exc}") from None
     if not isinstance(listing, dict) or listing.get("status") != "success":
@@ -493,11 +490,8 @@ async def update_s3(request: Request):
         return value.strip() if isinstance(value, str) and value.strip() else None
 
     endpoint = text("endpoint_url")
-    if endpoint is not None:
-        try:
-            check_url_syntax(endpoint)
-        except BlockedUrl as exc:
-            raise ValidationFailed({"endpoint_url": [f"The endpoint_url {exc}."]}) from None
+    # boto3 calls the endpoint from every process later: the same guard as a webhook's
+    await arequire_public_url(endpoint, state.settings, "endpoint_url")
     config = S3Config(
         bucket=bucket,
         prefix=prefix,

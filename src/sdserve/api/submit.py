@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from sdserve.api.chaining import OwnOutputs
 from sdserve.api.envelope import job_body
 from sdserve.api.state import ServerState
 from sdserve.jobs.keys import Principal
@@ -43,7 +44,7 @@ async def queue_spec(
             principal.key_id,
             principal.monthly_quota,
         )
-    input_keys = await _store_inputs(state, spec)
+    input_keys = await _store_inputs(state, principal, spec)
     params = {
         **spec.params,
         "meta": _shared_once(spec.meta, spec.params),
@@ -81,17 +82,18 @@ async def queue_spec(
     return job
 
 
-async def _store_inputs(state: ServerState, spec: JobSpec) -> dict[str, str]:
+async def _store_inputs(state: ServerState, principal: Principal, spec: JobSpec) -> dict[str, str]:
     """Every input decoded and checked before any is stored, so a bad one leaves nothing."""
     settings = state.settings
+    own = OwnOutputs.of(state, principal)  # this server's own output URLs come from storage
     decoded: dict[str, tuple[str, bytes]] = {}
     for name, given in spec.inputs.items():
         if given.type == "video":
-            data = await read_input_bytes(given.value, name, settings)
+            data = await read_input_bytes(given.value, name, settings, own)
             await run_in_threadpool(decode_video, data, name, settings.max_video_frames)
             decoded[name] = (name, data)
         else:
-            image = await load_image_input(given.value, name, settings)
+            image = await load_image_input(given.value, name, settings, own)
             decoded[name] = (f"{name}.png", await run_in_threadpool(encode_png, image))
     folder = state.storage.new_key(f"inputs/{uuid.uuid4().hex}")
     keys = {}

@@ -50,8 +50,8 @@ async def model_list(request: Request):
     """
     state = get_state(request)
     body = await read_json_body(request, state.settings)
-    authenticate(request, body, state.keys)
-    models = await run_in_threadpool(state.registry.list_models)
+    principal = authenticate(request, body, state.keys)
+    models = await run_in_threadpool(state.registry.list_models, principal.owner)
     return [_list_entry(m) for m in models]
 
 

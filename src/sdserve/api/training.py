@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from sdserve.api.chaining import OwnOutputs
 from sdserve.api.deps import authenticate
 from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import ServerState, get_state
@@ -69,10 +70,11 @@ async def submit_training(
 
     # Every image is decoded before anything is stored, so a bad one leaves nothing behind.
     images = []
+    own = OwnOutputs.of(state, principal)
     for index, value in enumerate(req.images or []):
         if not isinstance(value, str) or not value.strip():
             raise BadImage(f"images[{index}]", f"images[{index}] is empty")
-        images.append(await load_image_input(value, f"images[{index}]", settings))
+        images.append(await load_image_input(value, f"images[{index}]", settings, own))
     for index, image in enumerate(images):
         key = f"inputs/train/{params.training_id}/{index:03d}.png"
         await run_in_threadpool(state.storage.put, key, encode_png(image))

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
+from sdserve.api.chaining import OwnOutputs
 from sdserve.api.deps import authenticate
 from sdserve.api.deps import read_body as read_json_body
 from sdserve.api.state import ServerState, get_state
@@ -141,7 +142,8 @@ async def nsfw_image_check(request: Request):
     if request.url.path.startswith("/api/v1/enterprise") and not principal.is_admin:
         raise InvalidKey()
     value = _text(body, "init_image")
-    image = await load_image_input(value, "init_image", state.settings)
+    own = OwnOutputs.of(state, principal)
+    image = await load_image_input(value, "init_image", state.settings, own)
     checker = NsfwChecker(state.settings.nsfw_threshold)
     flagged = await run_in_threadpool(checker.is_nsfw, image)
     if value.lower().startswith(("http://", "https://")):

@@ -78,8 +78,16 @@ def _hub_entry(repo: str, offline: bool) -> dict:
     return {"status": "downloadable", "hub_repo": repo, "note": note}
 
 
-def list_models(settings: Settings, catalogue: ModelCatalogue | None) -> list[dict]:
+def list_models(
+    settings: Settings,
+    catalogue: ModelCatalogue | None,
+    *,
+    owner: str | None = None,
+    trainers: dict[str, str] | None = None,
+) -> list[dict]:
     """Every model id this server answers to, in resolution order, each with what is true of it.
+    With `owner`, only what that key may use: other keys' private imports and trained models
+    (`trainers`: model id -> the owner who trained it) are left out.
 
     Each: `model_id`, `source` (builtin | imported | catalogue | folder | file | hub), `status`,
     `note` (a sentence), and `hub_repo` and `size_bytes` where known without the network.
@@ -90,7 +98,7 @@ def list_models(settings: Settings, catalogue: ModelCatalogue | None) -> list[di
         for mid in BUILTIN_MODELS
     }
     for entry in catalogue.list() if catalogue else []:
-        if entry.category in PIPELINE_CATEGORIES and entry.visibility != "private":
+        if entry.category in PIPELINE_CATEGORIES and entry.visible_to(owner):
             models[entry.model_id] = {
                 "source": "imported",
                 "status": "ready",
@@ -111,7 +119,7 @@ def list_models(settings: Settings, catalogue: ModelCatalogue | None) -> list[di
     models_dir = settings.models_dir
     if models_dir.is_dir():
         for child in sorted(models_dir.iterdir()):
-            if child.name.startswith("."):
+            if child.name.startswith(".") or (trainers or {}).get(child.stem, owner) != owner:
                 continue
             if (child / "model_index.json").exists() and child.name not in models:
                 models[child.name] = {"source": "folder", "status": "ready", "note": str(child)}

@@ -82,7 +82,7 @@ class ModelImporter:
         owned, sha256, size, category = True, None, 0, spec.category
         config = None
         if spec.config_model_id:
-            config = self.registry.config_folder(spec.config_model_id)
+            config = self.registry.config_folder(spec.config_model_id, spec.owner)
         if spec.source_kind == "url":
             part = staging / f"{stem}.part"
             staged = [part]

@@ -34,6 +34,7 @@ from sdserve.engine.availability import (
 )
 from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
 from sdserve.jobs.catalogue import ModelCatalogue
+from sdserve.jobs.store import ADMIN_OWNER
 from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
 
@@ -99,13 +100,24 @@ class ModelRegistry:
     def _user_catalogue(self) -> dict[str, dict]:
         return user_catalogue(self.data_dir)
 
+    def _check_trainer(self, asset_id: str, owner: str | None, refusal: Exception) -> None:
+        """A trained model or LoRA is its trainer's alone (and the admin's)."""
+        if owner in (None, ADMIN_OWNER) or self.catalogue is None:
+            return
+        trainer = self.catalogue.trainer(asset_id)
+        if trainer is not None and trainer != owner:
+            raise refusal
+
     def resolve(self, model_id: str, owner: str | None = None) -> ModelSource:
-        """Where `model_id` lives; `owner` (a key's owner) hides other keys' private imports."""
+        """Where `model_id` lives; with `owner` (a key's owner, None: unchecked, for workers),
+        other keys' private imports and trained models are not found."""
         safe_id(model_id, "model_id")
         if model_id in tiny.TINY_MODELS:
             return ModelSource(model_id, "builtin", model_id)
         imported = self.catalogue.get(model_id) if self.catalogue else None
-        if imported is not None and imported.visible_to(owner):
+        if imported is not None and not imported.visible_to(owner):
+            raise ModelNotFound(model_id)  # never the same id's file further down the order
+        if imported is not None:
             if imported.category not in PIPELINE_CATEGORIES:
                 label = imported.category.replace("_", " ")
                 raise ValidationFailed(
@@ -120,6 +132,7 @@ class ModelRegistry:
         entry = self._user_catalogue().get(model_id)
         if entry is not None:
             return self._source_from_entry(model_id, entry)
+        self._check_trainer(model_id, owner, ModelNotFound(model_id))
         folder = self.settings.models_dir / model_id
         if (folder / "model_index.json").exists() or (
             not folder.exists() and self._available(folder)
@@ -178,9 +191,9 @@ class ModelRegistry:
             return "sd2" if cross == 1024 else "sd15"
         return None
 
-    def config_folder(self, model_id: str) -> Path:
+    def config_folder(self, model_id: str, owner: str | None = None) -> Path:
         """The diffusers folder of a local model, whose configs a single file may load with."""
-        source = self.resolve(model_id)
+        source = self.resolve(model_id, owner)
         if source.kind == "builtin":
             return tiny.ensure_tiny_model(model_id, self.settings.models_dir)
         if source.kind == "folder":
@@ -209,14 +222,21 @@ class ModelRegistry:
     def offline(self) -> bool:
         return is_offline(self.settings)
 
-    def list_models(self) -> list[dict]:
-        """Every model id, with its source and status (ready, downloadable, unavailable)."""
-        return list_models(self.settings, self.catalogue)
+    def list_models(self, owner: str | None = None) -> list[dict]:
+        """The models `owner` may use (None: every one, for the operator), each with its source
+        and status (ready, downloadable, unavailable)."""
+        trainers = {}
+        if owner not in (None, ADMIN_OWNER) and self.catalogue is not None:
+            trainers = self.catalogue.trainers()
+        return list_models(self.settings, self.catalogue, owner=owner, trainers=trainers)
 
-    def resolve_lora(self, lora_id: str) -> Path:
-        return self._asset("loras", lora_id, "lora_model", (".safetensors",), "LoRA", "lora")
+    # `owner` as for resolve: other keys' private imports and trained LoRAs are not found.
+    def resolve_lora(self, lora_id: str, owner: str | None = None) -> Path:
+        return self._asset(
+            "loras", lora_id, "lora_model", (".safetensors",), "LoRA", "lora", owner=owner
+        )
 
-    def resolve_embedding(self, embedding_id: str) -> Path:
+    def resolve_embedding(self, embedding_id: str, owner: str | None = None) -> Path:
         return self._asset(
             "embeddings",
             embedding_id,
@@ -224,11 +244,12 @@ class ModelRegistry:
             (".safetensors", ".pt", ".bin"),
             "Embedding",
             "embeddings",
+            owner=owner,
         )
 
-    def resolve_vae(self, vae_id: str) -> Path:
+    def resolve_vae(self, vae_id: str, owner: str | None = None) -> Path:
         return self._asset(
-            "vae", vae_id, "vae", (".safetensors", ".ckpt"), "VAE", "vae", folders=True
+            "vae", vae_id, "vae", (".safetensors", ".ckpt"), "VAE", "vae", folders=True, owner=owner
         )
 
     def _asset(
@@ -240,13 +261,18 @@ class ModelRegistry:
         label: str,
         category: str,
         folders: bool = False,
+        owner: str | None = None,
     ) -> Path:
         safe_id(asset_id, field)
+        not_found = ValidationFailed({field: [f"{label} model not found: {asset_id}"]})
         imported = self.catalogue.get(asset_id) if self.catalogue else None
         if imported is not None and imported.category == category:
+            if not imported.visible_to(owner):
+                raise not_found
             path = self.entry_path(imported.location)
             self._available(path)
             return path
+        self._check_trainer(asset_id, owner, not_found)
         base = self.data_dir / folder
         if folders and (base / asset_id / "config.json").exists():
             return base / asset_id
@@ -258,7 +284,7 @@ class ModelRegistry:
                 found = sorted((base / asset_id).glob(f"*{suffix}"))
                 if found:
                     return found[0]
-        raise ValidationFailed({field: [f"{label} model not found: {asset_id}"]})
+        raise not_found
 
     # ---- loading (in the worker) -----------------------------------------------------------
 

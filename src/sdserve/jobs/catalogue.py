@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from sdserve.errors import ValidationFailed
-from sdserve.jobs.db import ModelEntry
+from sdserve.jobs.db import ModelEntry, Training
 from sdserve.jobs.store import ADMIN_OWNER, JobStore
 
 CATEGORIES = (
@@ -73,6 +73,16 @@ class ModelCatalogue:
             if category is not None:
                 query = query.where(ModelEntry.category == category)
             return [CatalogueEntry.of(row) for row in s.scalars(query)]
+
+    def trainer(self, training_id: str) -> str | None:
+        """The owner of the training whose result is `training_id` (its model or LoRA), if any."""
+        with self._store.session() as s:
+            return s.scalar(select(Training.owner).where(Training.training_id == training_id))
+
+    def trainers(self) -> dict[str, str]:
+        """Every training id and its owner."""
+        with self._store.session() as s:
+            return dict(s.execute(select(Training.training_id, Training.owner)).all())
 
     def register(self, entry: CatalogueEntry, replace: bool = False) -> CatalogueEntry | None:
         """Add the entry; with `replace`, return the one it replaced (whose files may go)."""

@@ -48,6 +48,16 @@ class Job(Base):
     )
 
 
+class OutputFile(Base):
+    """Which job made an output key, and for whom: a job's own outputs may be its owner's inputs."""
+
+    __tablename__ = "output_files"
+
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner: Mapped[str] = mapped_column(String(64))
+
+
 class WebhookOutbox(Base):
     """A webhook owed: a job's final answer (payload None: built when sent) or a training stage."""
 

@@ -21,6 +21,7 @@ from sdserve.extras import require
 from sdserve.jobs.db import (
     Job,
     KeyUsage,
+    OutputFile,
     ServerConfig,
     StepTiming,
     Training,
@@ -308,7 +309,18 @@ class JobStore:
             )
             s.add(job)
             s.flush()
+            self._record_outputs(s, job)
             return JobView.of(job)
+
+    @staticmethod
+    def _record_outputs(s: Session, job: Job) -> None:
+        for key in (job.params or {}).get("output_keys", []):
+            s.add(OutputFile(key=key, job_id=job.id, owner=job.owner))
+
+    def output_owner(self, key: str) -> str | None:
+        """The owner of the job that made output `key` (None: not an output of this server)."""
+        with self.session() as s:
+            return s.scalar(select(OutputFile.owner).where(OutputFile.key == key))
 
     def drop_outputs(self, job_id: int, owner: str) -> list[str]:
         """Forget a finished job's output files (the caller deletes them); return their keys."""
@@ -345,6 +357,7 @@ class JobStore:
         job = Job(owner=owner, status="queued", created_at=time.time(), **fields)
         s.add(job)
         s.flush()
+        JobStore._record_outputs(s, job)
         if s.get_bind().dialect.name == "postgresql":  # delivered to LISTENing workers on commit
             s.execute(select(func.pg_notify(NEW_JOB_CHANNEL, "")))
         return job

@@ -8,6 +8,7 @@ import binascii
 import functools
 import io
 import re
+from typing import Protocol
 
 import httpx
 from PIL import Image, ImageOps
@@ -15,6 +16,12 @@ from PIL import Image, ImageOps
 from sdserve.errors import BadImage
 from sdserve.net import BlockedUrl, aguard_hooks, check_url_syntax
 from sdserve.settings import Settings
+
+
+class OwnOutputs(Protocol):
+    """This server's own output files, by URL (api.chaining): read from storage, not fetched."""
+
+    def read(self, url: str, field: str) -> bytes | None: ...
 
 # Formats a client plausibly sends. Pillow can open many more, some through external programs
 # (EPS runs Ghostscript); none of those are worth the risk for an init image. MPO (phone
@@ -25,21 +32,37 @@ _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
 
 
-async def load_image_input(value: str, field: str, settings: Settings) -> Image.Image:
+async def load_image_input(
+    value: str, field: str, settings: Settings, own: OwnOutputs | None = None
+) -> Image.Image:
     """An RGB image from what a client sent; every failure is a BadImage naming the field."""
-    data = await read_input_bytes(value, field, settings)
+    data = await read_input_bytes(value, field, settings, own)
     # Decoding a large image takes a noticeable fraction of a second: keep it off the event loop.
     return await asyncio.to_thread(decode_image, data, field, settings)
 
 
-async def read_input_bytes(value: str, field: str, settings: Settings) -> bytes:
-    """The bytes behind an http(s) URL, a data URL or raw base64, within the size limit."""
+async def read_input_bytes(
+    value: str, field: str, settings: Settings, own: OwnOutputs | None = None
+) -> bytes:
+    """The bytes behind an http(s) URL, a data URL or raw base64, within the size limit.
+
+    With `own`, a URL of this server's own outputs is read from storage (never fetched: the
+    server's address is usually loopback or private, which the guard refuses).
+    """
     if not isinstance(value, str):
         raise BadImage(field, f"{field} must be an image URL or a base64 string")
     value = value.strip()
     if not value:
         raise BadImage(field, f"{field} is empty")
     if _URL_SCHEME.match(value):
+        if own is not None:
+            data = await asyncio.to_thread(own.read, value, field)
+            if data is not None:
+                if len(data) > settings.max_image_bytes:
+                    raise BadImage(
+                        field, f"{field} is larger than {_format_bytes(settings.max_image_bytes)}"
+                    )
+                return data
         return await _download(value, field, settings)
     return _decode_base64(value, field, settings.max_image_bytes)
 

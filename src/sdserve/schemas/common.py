@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import ValidationFailed
+from sdserve.net import url_field_errors
 from sdserve.schemas.coerce import Flag, Float, FloatList, Int, StrList, Text
 from sdserve.settings import Settings
 
@@ -105,9 +106,9 @@ def steps(
     return max(1, min(chosen, settings.max_steps))
 
 
-def check_webhook(value: str | None, errors: dict) -> None:
-    if value and not value.startswith(("http://", "https://")):
-        errors["webhook"] = ["The webhook must be a valid http or https URL."]
+def check_webhook(value: str | None, settings: Settings, errors: dict) -> None:
+    """An http(s) URL to a public address, without credentials (the private-address guard)."""
+    errors.update(url_field_errors(value, settings, "webhook"))
 
 
 def check_prompt(

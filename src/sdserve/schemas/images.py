@@ -128,7 +128,7 @@ def normalize_image_request(
             errors["clip_skip"] = ["The clip skip must be between 1 and 8."]
         clip_skip = max(1, min(clip_skip, 8))
 
-    common.check_webhook(req.webhook, errors)
+    common.check_webhook(req.webhook, settings, errors)
     if errors:
         raise ValidationFailed(errors)
 
@@ -183,11 +183,11 @@ def image_job(kind: ImageKind, dialect: Dialect):
         registry.check_available(source)
         choice = resolve_scheduler_name(p.scheduler, p.use_karras_sigmas, p.algorithm_type)
         for lora_id, _ in p.loras:
-            registry.resolve_lora(lora_id)
+            registry.resolve_lora(lora_id, ctx.owner)
         if p.embeddings_model:
-            registry.resolve_embedding(p.embeddings_model)
+            registry.resolve_embedding(p.embeddings_model, ctx.owner)
         if p.vae:
-            registry.resolve_vae(p.vae)
+            registry.resolve_vae(p.vae, ctx.owner)
 
         inputs = {}
         if kind != "text2img":

@@ -57,7 +57,7 @@ def super_resolution_job(dialect: Dialect):
         tile = DEFAULT_TILE if req.tile is None else req.tile
         if tile < 0 or 0 < tile < 32:
             errors["tile"] = ["The tile must be 0 (no tiling) or at least 32 pixels."]
-        common.check_webhook(req.webhook, errors)
+        common.check_webhook(req.webhook, ctx.settings, errors)
         if errors:
             raise ValidationFailed(errors)
         require_no_face_enhance(bool(req.face_enhance))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from sdserve.engine.training import TrainingKind, TrainingParams
 from sdserve.errors import ValidationFailed
+from sdserve.net import url_field_errors
 from sdserve.schemas.coerce import Flag, Int, Text
 from sdserve.schemas.common import validation_error_map
 from sdserve.settings import Settings
@@ -139,8 +140,7 @@ def normalize_training_request(
         lora_type = lycoris_default
     if lora_type not in ("lora", "loha", "lokr"):
         errors["lora_type"] = ["The lora type must be lora or lycoris."]
-    if req.webhook and not req.webhook.startswith(("http://", "https://")):
-        errors["webhook"] = ["The webhook must be a valid http or https URL."]
+    errors.update(url_field_errors(req.webhook, settings, "webhook"))
     if errors:
         raise ValidationFailed(errors)
 

@@ -111,7 +111,7 @@ def normalize_video_request(
     output_type = (req.output_type or d["type"]).strip().lower()
     if output_type not in VIDEO_FORMATS:
         errors["output_type"] = [f"The output type must be one of: {', '.join(VIDEO_FORMATS)}."]
-    common.check_webhook(req.webhook, errors)
+    common.check_webhook(req.webhook, settings, errors)
     loras = common.loras(req.lora_model, req.lora_strength, errors)
     if errors:
         raise ValidationFailed(errors)
@@ -177,7 +177,7 @@ def video_job(dialect: Dialect, *, image_to_video: bool = False, video_to_video:
             p.prompt, p.negative_prompt = enhance_prompt(p.prompt, p.negative_prompt)
         choice = resolve_scheduler_name(p.scheduler, None, None)
         for lora_id, _ in p.loras:
-            registry.resolve_lora(lora_id)
+            registry.resolve_lora(lora_id, ctx.owner)
 
         inputs = {}
         if kind == "svd" or (req.init_image and not req.init_video):
