@@ -17,7 +17,7 @@ from sdserve.schemas.common import Context, Route
 def family_router(families: tuple[Family, ...]) -> APIRouter:
     """Every family's routes, and a fetch route at each of its dialects' fetch paths."""
     router = APIRouter()
-    fetch_paths = {r.dialect.fetch_path for f in families for r in f.routes}
+    fetch_paths = {r.dialect.fetch_path.replace("{id}", "{job_id}") for f in families for r in f.routes}
     for path in sorted(fetch_paths - set(fetch.ID_PATHS)):
         for method in ("POST", "GET"):  # one route per method: each its own operation id
             router.add_api_route(

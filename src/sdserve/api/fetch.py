@@ -17,10 +17,10 @@ router = APIRouter(tags=["fetch"])
 # Fetch paths clients use that are no dialect's own (those come with each family's routes,
 # see api/families.py). Every one reaches every job: one id space.
 ID_PATHS = [
-    "/api/v4/dreambooth/fetch/{id}",
-    "/api/v5/images/fetch/{id}",
-    "/api/v6/3d/fetch/{id}",
-    "/api/v1/enterprise/{product}/fetch/{id}",
+    "/api/v4/dreambooth/fetch/{job_id}",
+    "/api/v5/images/fetch/{job_id}",
+    "/api/v6/3d/fetch/{job_id}",
+    "/api/v1/enterprise/{product}/fetch/{job_id}",
 ]
 REQUEST_ID_PATHS = [
     "/api/v4/dreambooth/fetch",
@@ -48,8 +48,8 @@ async def _fetch(found: Caller, raw_id) -> JSONResponse:
     return answer(await run_in_threadpool(job_response, state, job))
 
 
-async def fetch_by_path(found: CallerDep, id: str):  # noqa: A002 - the path says {id}
-    return await _fetch(found, id)
+async def fetch_by_path(found: CallerDep, job_id: str):
+    return await _fetch(found, job_id)
 
 
 async def fetch_by_request_id(found: CallerDep):
