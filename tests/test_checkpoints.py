@@ -33,8 +33,8 @@ from sdserve.engine.checkpoints import (
     PIPELINES,
     config_folder,
     config_tokenizer,
-    detect_family,
-    detect_file_family,
+    detect_architecture,
+    detect_file_architecture,
     export_single_file,
     load_single_file,
 )
@@ -136,15 +136,15 @@ def test_export_and_load_back(models, tmp_path, model_id, family, suffix):
 
 
 @pytest.mark.parametrize("model_id,family,suffix", ROUND_TRIPS)
-def test_detect_family_of_exported_checkpoints(models, tmp_path, model_id, family, suffix):
+def test_detect_architecture_of_exported_checkpoints(models, tmp_path, model_id, family, suffix):
     path = tmp_path / f"model{suffix}"
     export_single_file(DiffusionPipeline.from_pretrained(models / model_id), path)
     if suffix == ".safetensors":
         state = load_file(path)
     else:
         state = torch.load(path, weights_only=True)["state_dict"]
-    assert detect_family(state) == family
-    assert detect_file_family(path) == family
+    assert detect_architecture(state) == family
+    assert detect_file_architecture(path) == family
 
 
 def test_original_key_names(models, tmp_path):
@@ -218,12 +218,12 @@ def test_bad_files(tmp_path):
     with pytest.raises(ModelUnavailable, match="could not be read"):
         load_single_file(tmp_path / "evil.ckpt")
     with pytest.raises(ModelUnavailable, match="Unsupported checkpoint"):
-        detect_family({"some.other.weight": torch.zeros(1)})
+        detect_architecture({"some.other.weight": torch.zeros(1)})
     with pytest.raises(ModelUnavailable, match="Unsupported checkpoint: it is a 'xl_refiner'"):
-        detect_family({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": 0})
+        detect_architecture({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": 0})
 
 
-def test_detect_family_of_full_size_key_layouts():
+def test_detect_architecture_of_full_size_key_layouts():
     # The keys and shapes diffusers probes in the public files; meta tensors cost no memory.
     def meta(*shape):
         return torch.empty(shape, device="meta")
@@ -249,7 +249,7 @@ def test_detect_family_of_full_size_key_layouts():
         ({xl_g: meta(1280), unet + "input_blocks.0.0.weight": meta(320, 9, 3, 3)}, "sdxl-inpaint"),
     ]
     for state, family in cases:
-        assert detect_family(state) == family
+        assert detect_architecture(state) == family
 
 
 def test_missing_config_dir_is_refused_before_any_download(models, tmp_path):

@@ -16,22 +16,22 @@ import time
 from pathlib import Path
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from sdserve import __version__
-from sdserve.api.deps import authenticate
-from sdserve.api.deps import read_body as read_json_body
-from sdserve.api.envelope import fetch_url
-from sdserve.api.state import ServerState, get_state
+from sdserve.api.deps import AdminDep, CallerDep
+from sdserve.api.envelope import fetch_url, message_body, ok
+from sdserve.api.state import ServerState
+from sdserve.api.submit import queue_spec
 from sdserve.engine import tiny
+from sdserve.engine.batching import solo_key
 from sdserve.engine.imports import offline_message, remove_files
 from sdserve.engine.registry import safe_id
 from sdserve.engine.schedulers import SUPPORTED_SCHEDULERS
 from sdserve.errors import (
-    InvalidKey,
     ModelNotFound,
     ModelUnavailable,
     NotAvailable,
@@ -42,6 +42,8 @@ from sdserve.errors import (
 from sdserve.jobs.catalogue import DuplicateModel
 from sdserve.jobs.keys import Principal
 from sdserve.net import BlockedUrl, acheck_public_url, arequire_public_url, check_url_syntax
+from sdserve.schemas.common import JobSpec
+from sdserve.schemas.images import V3
 from sdserve.schemas.models import ImportRequest, parse_load_model
 
 router = APIRouter(tags=["enterprise"])
@@ -90,24 +92,16 @@ def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
     return register
 
 
-async def _caller(request: Request, admin: bool = True) -> tuple[ServerState, dict, Principal]:
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    principal = authenticate(request, body, state.keys)
-    if admin and not principal.is_admin:
-        raise InvalidKey()  # what the hosted API tells a non-enterprise key
-    return state, body, principal
-
-
-def _ok(message: str, **extra) -> dict:
-    return {"status": "success", "message": message, "messege": message, **extra}
-
 
 # ---- loading models -------------------------------------------------------------------------
 
 
 async def _queue_import(
-    state: ServerState, principal: Principal, req: ImportRequest, started: str
+    state: ServerState,
+    principal: Principal,
+    req: ImportRequest,
+    started: str,
+    headers: dict[str, str] | None = None,
 ) -> dict:
     """Check what can be checked now, then queue the import as a job."""
     safe_id(req.model_id, "model_id")
@@ -146,22 +140,27 @@ async def _queue_import(
         "owner": principal.owner,
         "config_model_id": req.config_model_id,
     }
-    job = await run_in_threadpool(
-        state.store.submit,
-        kind="model_load",
-        dialect="v3",
-        model_id=req.model_id,
-        batch_key=f"load|{req.model_id}|{time.time_ns()}",  # never batched
-        owner=principal.owner,
-        params={"import": spec, "meta": {"model_id": req.model_id, "url": req.source}},
-        total_steps=100,
-        cost=1.0,
-        track_id=req.track_id,
-        webhook=req.webhook,
-        queue_limit=principal.queue_limit,
+    if headers:  # what the download sends (another sdserve's key, for sync_models)
+        spec["headers"] = headers
+    job = await queue_spec(
+        state,
+        principal,
+        JobSpec(
+            kind="model_load",
+            model_id=req.model_id,
+            params={"import": spec},
+            batch_key=solo_key("model_load", req.model_id),
+            cost=1.0,
+            total_steps=100,
+            output_names=[],
+            meta={"model_id": req.model_id, "url": req.source},
+            webhook=req.webhook,
+            track_id=req.track_id,
+        ),
+        V3,
+        counted=False,
     )
-    state.bus.work_available.set()
-    return _ok(
+    return ok(
         started,
         id=job.id,
         model_id=req.model_id,
@@ -170,21 +169,21 @@ async def _queue_import(
 
 
 @router.post("/api/v3/load_model", tags=["models"], summary="Import a model for this key")
-async def load_model_v3(request: Request):
-    state, body, principal = await _caller(request, admin=False)
+async def load_model_v3(found: CallerDep):
+    state, body, principal = found.state, found.body, found.principal
     return await _queue_import(state, principal, parse_load_model(body), "model load started")
 
 
 @_enterprise("load_model")
 @_enterprise("load_model_v2")
-async def load_model(request: Request):
-    state, body, principal = await _caller(request)
+async def load_model(found: AdminDep):
+    state, body, principal = found.state, found.body, found.principal
     return await _queue_import(state, principal, parse_load_model(body), "model load started")
 
 
 @_enterprise("load_vae")
-async def load_vae(request: Request):
-    state, body, principal = await _caller(request)
+async def load_vae(found: AdminDep):
+    state, body, principal = found.state, found.body, found.principal
     req = parse_load_model(body, vae=True)
     return await _queue_import(state, principal, req, "VAE load started")
 
@@ -200,14 +199,14 @@ def _model_id(body: dict, field: str = "model_id") -> str:
 
 
 @_enterprise("verify_model")
-async def verify_model(request: Request):
-    state, body, principal = await _caller(request)
+async def verify_model(found: AdminDep):
+    state, body = found.state, found.body
     model_id = _model_id(body)
     exists = await run_in_threadpool(_model_exists, state, model_id)
     if not exists:
         message = "Model does not exist on server"
-        return {"status": "error", "message": message, "messege": message, "model_id": model_id}
-    return _ok("Model exists on server", model_id=model_id)
+        return message_body("error", message, model_id=model_id)
+    return ok("Model exists on server", model_id=model_id)
 
 
 def _model_exists(state: ServerState, model_id: str) -> bool:
@@ -222,8 +221,8 @@ def _model_exists(state: ServerState, model_id: str) -> bool:
 
 
 @_enterprise("get_all_models")
-async def get_all_models(request: Request):
-    state, _body, _principal = await _caller(request)
+async def get_all_models(found: AdminDep):
+    state, _body, _principal = found.state, found.body, found.principal
     return {"models": await run_in_threadpool(_all_models, state), "status": "success"}
 
 
@@ -262,8 +261,8 @@ def _load_data(timestamp: float) -> str:
 
 
 @_enterprise("delete_model")
-async def delete_model(request: Request):
-    state, body, _principal = await _caller(request)
+async def delete_model(found: AdminDep):
+    state, body, _principal = found.state, found.body, found.principal
     model_id = _model_id(body)
     entry = await run_in_threadpool(state.catalogue.remove, model_id)
     if entry is None:
@@ -273,14 +272,14 @@ async def delete_model(request: Request):
     # Workers drop it (and anything loaded with it) before its files go.
     await run_in_threadpool(state.control.publish, "clear_cache")
     await run_in_threadpool(remove_files, entry, state.settings, state.storage)
-    return _ok("Model deleted on server", model_id=model_id)
+    return ok("Model deleted on server", model_id=model_id)
 
 
 @_enterprise("model_file", methods=("GET", "POST"))
-async def model_file(request: Request):
+async def model_file(found: AdminDep):
     """The weights file of an imported model, for `sync_models` on another sdserve server."""
-    state, body, _principal = await _caller(request)
-    model_id = _model_id(body if "model_id" in body else dict(request.query_params))
+    state, body, _principal = found.state, found.body, found.principal
+    model_id = _model_id(body)  # the query string is part of the body (deps.read_body)
     entry = await run_in_threadpool(state.catalogue.get, model_id)
     path = None if entry is None else state.registry.entry_path(entry.location)
     if path is None or not await run_in_threadpool(state.registry.fetch_missing_file, path):
@@ -289,9 +288,9 @@ async def model_file(request: Request):
 
 
 @_enterprise("sync_models")
-async def sync_models(request: Request):
+async def sync_models(found: AdminDep):
     """Copy the imported models of another sdserve server, given its URL and admin key."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     peer = body.get("sync_url") or body.get("server_url") or body.get("url")
     sync_key = body.get("sync_key")
     errors = {}
@@ -341,31 +340,22 @@ async def sync_models(request: Request):
             config_model_id=model.get("config_model_id"),
         )
         try:
-            answer = await _queue_import(state, principal, req, "model load started")
+            await _queue_import(
+                state, principal, req, "model load started", headers={"key": sync_key}
+            )
         except SdserveError as exc:
             skipped.append({"model_id": model_id, "reason": exc.message})
             continue
-        await run_in_threadpool(_add_sync_header, state, answer["id"], sync_key)
         synced.append(model_id)
-    return _ok(f"{len(synced)} Models synced successfully", model_list=synced, skipped=skipped)
-
-
-def _add_sync_header(state: ServerState, job_id: int, sync_key: str) -> None:
-    from sdserve.jobs.db import Job
-
-    with state.store.session(write=True) as s:
-        job = s.get(Job, job_id)
-        params = dict(job.params)
-        params["import"] = {**params["import"], "headers": {"key": sync_key}}
-        job.params = params
+    return ok(f"{len(synced)} Models synced successfully", model_list=synced, skipped=skipped)
 
 
 # ---- the server -----------------------------------------------------------------------------
 
 
 @_enterprise("system_details")
-async def system_details(request: Request):
-    state, _body, _principal = await _caller(request)
+async def system_details(found: AdminDep):
+    state, _body, _principal = found.state, found.body, found.principal
     return await run_in_threadpool(_system_details, state)
 
 
@@ -422,42 +412,42 @@ def _memory() -> dict:
 
 
 @_enterprise("clear_cache")
-async def clear_cache(request: Request):
-    state, _body, _principal = await _caller(request)
+async def clear_cache(found: AdminDep):
+    state, _body, _principal = found.state, found.body, found.principal
     await run_in_threadpool(state.control.publish, "clear_cache")
-    return _ok("Cache cleared successfully")
+    return ok("Cache cleared successfully")
 
 
 @router.get("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
 @router.post("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
-async def clear_cache_v5(request: Request):
+async def clear_cache_v5(found: CallerDep):
     """Any key: models are loaded again on their next use, nothing else changes."""
-    state, _body, _principal = await _caller(request, admin=False)
+    state, _body, _principal = found.state, found.body, found.principal
     await run_in_threadpool(state.control.publish, "clear_cache")
-    return _ok("Cache cleared")
+    return ok("Cache cleared")
 
 
 @_enterprise("clear_queue")
-async def clear_queue(request: Request):
-    state, _body, _principal = await _caller(request)
+async def clear_queue(found: AdminDep):
+    state, _body, _principal = found.state, found.body, found.principal
     ids = await run_in_threadpool(state.store.clear_queue, "Queue cleared by the server operator")
     for job_id in ids:
         state.bus.publish(job_id)
-    return _ok(f"Queue cleared: {len(ids)} queued requests failed", cleared=len(ids))
+    return ok(f"Queue cleared: {len(ids)} queued requests failed", cleared=len(ids))
 
 
 @_enterprise("restart_server")
-async def restart_server(request: Request):
-    state, _body, _principal = await _caller(request)
+async def restart_server(found: AdminDep):
+    state, _body, _principal = found.state, found.body, found.principal
     return _restart(state, "server restarting")
 
 
 @_enterprise("update_server")
 @_enterprise("update")
-async def update_server(request: Request):
+async def update_server(found: AdminDep):
     """A graceful restart that re-reads the settings (environment and DATA/sdserve.env) and the
     catalogue. It does not replace code: upgrade the package, then call this."""
-    state, _body, _principal = await _caller(request)
+    state, _body, _principal = found.state, found.body, found.principal
     return _restart(state, "server updating")
 
 
@@ -472,14 +462,14 @@ def _restart(state: ServerState, message: str):
         state.request_shutdown(True)
 
     # The answer goes out first; then the server drains and re-executes itself.
-    return JSONResponse(_ok(message), background=BackgroundTask(restart))
+    return JSONResponse(ok(message), background=BackgroundTask(restart))
 
 
 @_enterprise("update_s3")
-async def update_s3(request: Request):
+async def update_s3(found: AdminDep):
     from sdserve.storage.s3config import S3Config
 
-    state, body, _principal = await _caller(request)
+    state, body = found.state, found.body
     bucket = body.get("image_directory") or body.get("bucket")
     if not isinstance(bucket, str) or not bucket.strip():
         raise ValidationFailed({"image_directory": ["The image_directory (bucket) is required."]})
@@ -508,10 +498,9 @@ async def update_s3(request: Request):
     except TimeoutError:
         raise NotAvailable("The bucket did not answer within 60 seconds") from None
     await run_in_threadpool(state.control.publish, "storage")
-    return _ok("S3 storage updated: new outputs are stored in the bucket", s3=config.redacted())
+    return ok("S3 storage updated: new outputs are stored in the bucket", s3=config.redacted())
 
 
 @_enterprise("schedulers_list")
-async def schedulers_list(request: Request):
-    await _caller(request)
+async def schedulers_list(found: AdminDep):
     return {"status": "success", "schedulers": list(SUPPORTED_SCHEDULERS)}

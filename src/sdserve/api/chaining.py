@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from sdserve.engine.assets import ADMIN_OWNER
 from sdserve.errors import BadImage
-from sdserve.jobs.store import ADMIN_OWNER, JobStore
+from sdserve.jobs.store import JobStore
 from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
 from sdserve.storage.router import StorageRouter
 

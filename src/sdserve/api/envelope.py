@@ -10,7 +10,7 @@ import orjson
 from fastapi.responses import JSONResponse
 
 from sdserve.errors import FieldError, RateLimited, SdserveError, ValidationFailed
-from sdserve.jobs.store import JobView, QueueInfo
+from sdserve.jobs.views import JobView, QueueInfo
 from sdserve.settings import Settings
 
 UrlOf = Callable[[str], str]  # storage key -> public URL
@@ -32,8 +32,13 @@ def answer(body: dict[str, Any]) -> JSONResponse:
     return FastJSON(body)
 
 
+def message_body(status: str, message: str, **extra: Any) -> dict[str, Any]:
+    """A plain answer: its status and one message, under both of the wire's spellings."""
+    return {"status": status, "message": message, "messege": message, **extra}
+
+
 def ok(message: str, **extra: Any) -> dict[str, Any]:
-    return {"status": "success", "message": message, "messege": message, **extra}
+    return message_body("success", message, **extra)
 
 
 def error_body(exc: SdserveError) -> dict[str, Any]:

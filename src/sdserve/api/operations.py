@@ -8,14 +8,13 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.failures import internal_error_count
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import SdserveError
 from sdserve.extras import require
-from sdserve.jobs.db import Job, StepTiming, WebhookDelivery, WebhookOutbox, WorkerRecord
+from sdserve.jobs.stats import deployment_snapshot
 
 router = APIRouter(tags=["operations"])
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
@@ -42,8 +41,7 @@ async def readyz(request: Request):
 def _readiness(state: ServerState) -> dict[str, str]:
     checks = {}
     try:
-        with state.store.session() as s:
-            s.execute(text("SELECT 1"))
+        state.store.ping()
         checks["database"] = "ok"
     except SdserveError as exc:
         checks["database"] = exc.message
@@ -86,35 +84,11 @@ class _DatabaseCollector:
         )
 
         now = time.time()
-        with self.state.store.session() as s:
-            by_status = s.execute(
-                select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)
-            ).all()
-            recent = s.execute(
-                select(Job.generation_time, Job.result)
-                .where(
-                    Job.status == "success",
-                    Job.finished_at > now - _RECENT_SECONDS,
-                    Job.generation_time.is_not(None),
-                )
-                .order_by(Job.id.desc())
-                .limit(_RECENT_JOBS)
-            ).all()
-            durations = [duration for duration, _ in recent]
-            timings = s.execute(select(StepTiming.model_id, StepTiming.seconds_per_unit)).all()
-            workers = s.scalars(
-                select(WorkerRecord).where(WorkerRecord.last_seen > now - 120)
-            ).all()
-            failed_attempts = s.scalar(
-                select(func.count())
-                .select_from(WebhookDelivery)
-                .where(WebhookDelivery.ok.is_(False))
-            )
-            given_up = s.scalar(
-                select(func.count())
-                .select_from(WebhookOutbox)
-                .where(WebhookOutbox.state == "gave_up")
-            )
+        snapshot = deployment_snapshot(self.state.store, now, _RECENT_SECONDS, _RECENT_JOBS)
+        by_status, recent, timings = snapshot.by_status, snapshot.recent, snapshot.timings
+        workers, failed_attempts = snapshot.workers, snapshot.failed_attempts
+        given_up = snapshot.given_up
+        durations = [duration for duration, _ in recent]
 
         queued = sum(count for status, _kind, count in by_status if status == "queued")
         yield GaugeMetricFamily("sdserve_queue_depth", "Jobs waiting for a worker", value=queued)

@@ -7,28 +7,14 @@ the admin may give any plan, other keys only plans the admin marked `self_servic
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.deps import authenticate
-from sdserve.api.deps import read_body as read_json_body
-from sdserve.api.state import ServerState, get_state
+from sdserve.api.deps import CallerDep
+from sdserve.api.envelope import ok
 from sdserve.errors import InvalidKey, InvalidRequest, ValidationFailed
-from sdserve.jobs.keys import Principal
 
 router = APIRouter(tags=["plans"])
-
-
-async def _caller(request: Request) -> tuple[ServerState, dict, Principal]:
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    if not body and request.method == "GET":
-        body = dict(request.query_params)
-    return state, body, authenticate(request, body, state.keys)
-
-
-def _message(text: str, **extra) -> dict:
-    return {"status": "success", "messege": text, "message": text, **extra}
 
 
 def _optional_int(body: dict, field: str, errors: dict) -> int | None:
@@ -46,8 +32,8 @@ def _optional_int(body: dict, field: str, errors: dict) -> int | None:
 
 
 @router.post("/api/v3/buy_subscription", summary="Get a new key on a plan")
-async def buy_subscription(request: Request):
-    state, body, principal = await _caller(request)
+async def buy_subscription(found: CallerDep):
+    state, body, principal = found.state, found.body, found.principal
     name = str(body.get("plan_name") or "").strip()
     plans = {p["name"]: p for p in await run_in_threadpool(state.keys.plans)}
     if name not in plans:
@@ -57,26 +43,26 @@ async def buy_subscription(request: Request):
         raise InvalidRequest("This plan is given by the server operator only")
     key = await run_in_threadpool(state.keys.subscribe, name, principal.key_id)
     tier = name.split("_")[0]
-    return _message(
+    return ok(
         f"You have just bought a custom api with {tier} plan", data={"key": key, "plan": name}
     )
 
 
 @router.post("/api/v3/cancel_subscription", summary="Revoke a key bought on a plan")
-async def cancel_subscription(request: Request):
-    state, body, principal = await _caller(request)
+async def cancel_subscription(found: CallerDep):
+    state, body, principal = found.state, found.body, found.principal
     target = str(body.get("key_to_cancel") or "").strip()
     if not target:
         raise ValidationFailed({"key_to_cancel": ["The key to cancel field is required."]})
     if not await run_in_threadpool(state.keys.cancel, target, principal):
         raise InvalidRequest("Invalid key_to_cancel: no such active key of yours")
-    return _message("subscription cancelled successfully")
+    return ok("subscription cancelled successfully")
 
 
 @router.post("/api/v3/dreambooth/buy_model", summary="Add trainings to a key's allowance")
-async def buy_model(request: Request):
+async def buy_model(found: CallerDep):
     """More trained models for the key: for self-service plans, or any key given by the admin."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     errors: dict[str, list[str]] = {}
     quantity = _optional_int(body, "quantity", errors)
     if not errors and not quantity:
@@ -91,7 +77,7 @@ async def buy_model(request: Request):
     purchased = await run_in_threadpool(state.keys.add_purchased_models, principal.key_id, quantity)
     used = len(await run_in_threadpool(state.store.list_trainings, principal.owner))
     available = plan["included_models"] + purchased - used
-    return _message(
+    return ok(
         "Payment was charged successfuly",  # sic: the hosted wording; nothing is charged here
         purchased_models=purchased,
         used_models=used,
@@ -101,8 +87,8 @@ async def buy_model(request: Request):
 
 @router.get("/api/subscribed_products", summary="A key's plan and monthly usage")
 @router.post("/api/subscribed_products", summary="A key's plan and monthly usage")
-async def subscribed_products(request: Request):
-    state, _body, principal = await _caller(request)
+async def subscribed_products(found: CallerDep):
+    state, _body, principal = found.state, found.body, found.principal
     used = await run_in_threadpool(state.store.usage, principal.key_id) if principal.key_id else 0
     quota = principal.monthly_quota
     product = {
@@ -118,9 +104,9 @@ async def subscribed_products(request: Request):
 @router.post(
     "/api/v1/enterprise/plans", tags=["enterprise"], summary="List, create or change plans"
 )
-async def plans(request: Request):
+async def plans(found: CallerDep):
     """List the plans; with `plan_name`, create or change that plan first."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     if not principal.is_admin:
         raise InvalidKey()
     name = str(body.get("plan_name") or "").strip()

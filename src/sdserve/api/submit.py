@@ -5,6 +5,7 @@ briefly for the job to finish (the request-to-job step of every family)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from typing import Any
@@ -34,14 +35,23 @@ async def submit_spec(
 
 
 async def queue_spec(
-    state: ServerState, principal: Principal, spec: JobSpec, dialect: Dialect
+    state: ServerState,
+    principal: Principal,
+    spec: JobSpec,
+    dialect: Dialect,
+    *,
+    limited: bool = True,
+    counted: bool = True,
 ) -> JobView:
+    """Insert the job and wake the workers. `limited`: it takes a place in the key's queue
+    limit; `counted`: it counts against the key's monthly quota (a model reload, which only
+    warms a worker, does neither; a model import only the first)."""
     if spec.inputs:  # the key's limits first: no input is fetched or stored for a refused job
         await run_in_threadpool(
             state.store.check_limits,
             principal.owner,
-            principal.queue_limit,
-            principal.key_id,
+            principal.queue_limit if limited else None,
+            principal.key_id if counted else None,
             principal.monthly_quota,
         )
     input_keys = await _store_inputs(state, principal, spec)
@@ -70,9 +80,11 @@ async def queue_spec(
             cost=spec.cost,
             track_id=None if spec.track_id is None else str(spec.track_id),
             webhook=spec.webhook,
-            queue_limit=principal.queue_limit,
-            key_id=principal.key_id,
+            queue_limit=principal.queue_limit if limited else None,
+            key_id=principal.key_id if counted else None,
             monthly_quota=principal.monthly_quota,
+            training=spec.training,
+            model_allowance=principal.model_allowance if spec.counts_as_model else None,
         )
     except BaseException:  # refused after all (a race on the limits): leave nothing behind
         for key in input_keys.values():
@@ -91,16 +103,21 @@ async def _store_inputs(state: ServerState, principal: Principal, spec: JobSpec)
         if given.type == "video":
             data = await read_input_bytes(given.value, name, settings, own)
             await run_in_threadpool(decode_video, data, name, settings.max_video_frames)
-            decoded[name] = (name, data)
+            decoded[name] = (_file_name(name), data)
         else:
             image = await load_image_input(given.value, name, settings, own)
-            decoded[name] = (f"{name}.png", await run_in_threadpool(encode_png, image))
+            decoded[name] = (f"{_file_name(name)}.png", await run_in_threadpool(encode_png, image))
     folder = state.storage.new_key(f"inputs/{uuid.uuid4().hex}")
     keys = {}
     for name, (file_name, data) in decoded.items():
         keys[name] = f"{folder}/{file_name}"
         await run_in_threadpool(state.storage.put, keys[name], data)
     return keys
+
+
+def _file_name(name: str) -> str:
+    """A storage-safe file name for an input: `images[3]` is stored as `images_3_`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def _shared_once(meta: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

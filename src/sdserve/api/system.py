@@ -8,20 +8,22 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.deps import authenticate
-from sdserve.api.deps import read_body as read_json_body
+from sdserve.api.deps import CallerDep
+from sdserve.api.envelope import ok
 from sdserve.api.state import get_state
+from sdserve.api.submit import queue_spec
+from sdserve.engine.batching import batch_key
 from sdserve.errors import ValidationFailed
+from sdserve.schemas.common import JobSpec
+from sdserve.schemas.images import COMMUNITY
 from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
 
 router = APIRouter()
 
 
 @router.post("/api/v3/system_load", tags=["v3"], summary="Queue length and wait")
-async def system_load(request: Request):
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    authenticate(request, body, state.keys)
+async def system_load(found: CallerDep):
+    state = found.state
     queue_num, queue_time = await run_in_threadpool(state.store.queue_stats)
     return {"queue_num": queue_num, "queue_time": math.ceil(queue_time), "status": "ok"}
 
@@ -39,7 +41,7 @@ _LIST_STATUS = {
 )
 @router.post("/api/v3/model_list", tags=["community"], include_in_schema=False)
 @router.post("/api/v4/model_list", tags=["community"], include_in_schema=False)
-async def model_list(request: Request):
+async def model_list(found: CallerDep):
     """A bare JSON array, as the hosted API answers (clients forward it verbatim).
 
     `status` is `model_ready` when the weights are here (built in, imported, on disk, in the
@@ -48,10 +50,8 @@ async def model_list(request: Request):
     fields: `source`, `availability` (ready | downloadable | unavailable), and `hub_repo` and
     `size_bytes` where known.
     """
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    principal = authenticate(request, body, state.keys)
-    models = await run_in_threadpool(state.registry.list_models, principal.owner)
+    state = found.state
+    models = await run_in_threadpool(state.registry.list_models, found.principal.owner)
     return [_list_entry(m) for m in models]
 
 
@@ -75,33 +75,27 @@ def _list_entry(model: dict) -> dict:
     "/api/v4/dreambooth/model_reload", tags=["community"], summary="Load a model ahead of use"
 )
 @router.post("/api/v6/images/model_reload", tags=["images"], summary="Load a model ahead of use")
-async def model_reload(request: Request):
+async def model_reload(found: CallerDep):
     """Queue a load of the model on a worker, so the next generation finds it resident."""
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    principal = authenticate(request, body, state.keys)
+    state, body, principal = found.state, found.body, found.principal
     model_id = body.get("model_id")
     if not isinstance(model_id, str) or not model_id.strip():
         raise ValidationFailed({"model_id": ["The model id field is required."]})
     source = state.registry.resolve(model_id.strip(), principal.owner)
     state.registry.check_available(source)
-    job = await run_in_threadpool(
-        state.store.submit,
+    spec = JobSpec(
         kind="model_reload",
-        dialect="community",
         model_id=source.model_id,
-        batch_key=f"reload|{source.model_id}",
-        owner=principal.owner,
         params={"model_id": source.model_id},
-        total_steps=1,
+        batch_key=batch_key("model_reload", source.model_id),
         cost=0.0,
-        track_id=None,
-        webhook=None,
-        queue_limit=None,
+        total_steps=1,
+        output_names=[],
+        meta={"model_id": source.model_id},
     )
-    state.bus.work_available.set()
+    job = await queue_spec(state, principal, spec, COMMUNITY, limited=False, counted=False)
     message = f"Model {source.model_id} reload started"
-    return {"status": "success", "message": message, "messege": message, "id": job.id}
+    return ok(message, id=job.id)
 
 
 def _serve_file(folder: str):

@@ -6,18 +6,20 @@ import shutil
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from sdserve.api.chaining import OwnOutputs
-from sdserve.api.deps import authenticate
-from sdserve.api.deps import read_body as read_json_body
-from sdserve.api.state import ServerState, get_state
+from sdserve.api.deps import Caller, CallerDep
+from sdserve.api.envelope import message_body, ok
+from sdserve.api.state import ServerState
+from sdserve.api.submit import queue_spec
+from sdserve.engine.batching import solo_key
 from sdserve.errors import BadImage, ValidationFailed
 from sdserve.ids import is_token_id
 from sdserve.jobs.keys import Principal
-from sdserve.jobs.store import JobView, TrainingNotFound
-from sdserve.media.images import encode_png, load_image_input
+from sdserve.jobs.store import JobView
+from sdserve.jobs.trainings import TrainingNotFound
+from sdserve.schemas.common import Dialect, Input, JobSpec
 from sdserve.schemas.training import (
     TrainingKind,
     TrainingRequest,
@@ -39,8 +41,7 @@ _WAIT_TEXT = {
 }
 
 
-def _ok(message: str, **extra: Any) -> dict[str, Any]:
-    return {"status": "success", "messege": message, "message": message, **extra}
+_TRAINING = Dialect("training")  # trainings are polled with fine_tune_status; fetch works too
 
 
 async def submit_training(
@@ -62,46 +63,38 @@ async def submit_training(
             base_model_id, principal.owner
         )  # unknown base model: "Model not found"
         state.registry.check_available(source)
-        if state.registry.family(source) in ("t2v", "svd"):
+        if state.registry.architecture(source) in ("t2v", "svd"):
             raise ValidationFailed(
                 {"base_model_id": [f"Model {base_model_id} cannot be fine-tuned here."]}
             )
     params = normalize_training_request(req, kind, settings, base_model_id=base_model_id)
 
-    # Every image is decoded before anything is stored, so a bad one leaves nothing behind.
-    images = []
-    own = OwnOutputs.of(state, principal)
+    inputs = {}
     for index, value in enumerate(req.images or []):
         if not isinstance(value, str) or not value.strip():
             raise BadImage(f"images[{index}]", f"images[{index}] is empty")
-        images.append(await load_image_input(value, f"images[{index}]", settings, own))
-    for index, image in enumerate(images):
-        key = f"inputs/train/{params.training_id}/{index:03d}.png"
-        await run_in_threadpool(state.storage.put, key, encode_png(image))
-        params.image_keys.append(key)
-
-    await run_in_threadpool(
-        state.store.submit_training,
-        training_id=params.training_id,
-        kind=kind,
-        job_kind=f"train_{kind}",
-        base_model_id=base_model_id,
-        instance_prompt=params.instance_prompt,
-        owner=principal.owner,
-        # the images are the job's inputs: the engine reads them, the worker deletes them at the end
-        params={
-            **params.model_dump(mode="json"),
-            "input_keys": {f"images[{i}]": key for i, key in enumerate(params.image_keys)},
-        },
+        inputs[f"images[{index}]"] = Input(value)  # the engine reads them in this order
+    spec = JobSpec(
+        kind=f"train_{kind}",
+        model_id=base_model_id,
+        params=params.model_dump(mode="json"),
+        batch_key=solo_key("train", params.training_id),
+        cost=float(params.max_train_steps),
         total_steps=params.max_train_steps,
-        webhook=params.webhook,
-        queue_limit=principal.queue_limit,
-        key_id=principal.key_id,
-        monthly_quota=principal.monthly_quota,
-        model_allowance=None if kind == "sandbox" else principal.model_allowance,
+        output_names=[],
+        meta={},
+        inputs=inputs,
+        training={
+            "training_id": params.training_id,
+            "kind": kind,
+            "base_model_id": base_model_id,
+            "instance_prompt": params.instance_prompt,
+            "webhook": params.webhook,  # posted at every stage, not only at the end
+        },
+        counts_as_model=kind != "sandbox",
     )
-    state.bus.work_available.set()
-    return _ok(
+    await queue_spec(state, principal, spec, _TRAINING)
+    return ok(
         "deploying_gpu",
         data=_WAIT_TEXT.get(kind, "sandbox: stages are simulated, no GPU is used."),
         training_id=params.training_id,
@@ -110,42 +103,33 @@ async def submit_training(
 
 
 def _make_create(kind: TrainingKind):
-    async def create(request: Request):
-        state = get_state(request)
-        body = await read_json_body(request, state.settings)
-        principal = authenticate(request, body, state.keys)
-        return await submit_training(state, principal, body, kind)
+    async def create(found: CallerDep):
+        return await submit_training(found.state, found.principal, found.body, kind)
 
     return create
 
 
-async def _caller(
-    request: Request, training_id: str | None = None
-) -> tuple[ServerState, Principal]:
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    principal = authenticate(request, body, state.keys)
+def _caller(found: Caller, training_id: str | None = None) -> tuple[ServerState, Principal]:
     if training_id is not None and not is_token_id(training_id):
         raise TrainingNotFound()  # ids are short ASCII tokens; nothing else reaches the store
-    return state, principal
+    return found.state, found.principal
 
 
-async def training_status(request: Request, training_id: str):
-    state, principal = await _caller(request, training_id)
+async def training_status(found: CallerDep, training_id: str):
+    state, principal = _caller(found, training_id)
     training = await run_in_threadpool(state.store.get_training, training_id, principal.owner)
     stage = training["stage"]
     status = "failed" if stage in ("training_failed", "training_cancelled") else "success"
     job = await run_in_threadpool(state.store.get, training["job_id"])
-    return {
-        "status": status,
-        "messege": stage,
-        "message": stage,
-        "data": training["log"],
-        "training_id": training_id,
-        "model_id": training_id,
+    return message_body(
+        status,
+        stage,
+        data=training["log"],
+        training_id=training_id,
+        model_id=training_id,
         # Not in the hosted API, as in fetch: how far it is and how long it has left.
         **await run_in_threadpool(training_progress, state, job),
-    }
+    )
 
 
 def training_progress(state: ServerState, job: JobView) -> dict[str, Any]:
@@ -165,15 +149,15 @@ def training_progress(state: ServerState, job: JobView) -> dict[str, Any]:
     return {"progress": progress, "eta": eta}
 
 
-async def cancel_training(request: Request, training_id: str):
-    state, principal = await _caller(request, training_id)
+async def cancel_training(found: CallerDep, training_id: str):
+    state, principal = _caller(found, training_id)
     await run_in_threadpool(state.store.request_cancel, training_id, principal.owner)
-    return _ok("Training cancelled", training_id=training_id)
+    return ok("Training cancelled", training_id=training_id)
 
 
-async def delete_training(request: Request, training_id: str):
+async def delete_training(found: CallerDep, training_id: str):
     """Stop it if running, then remove the model id and every file the training made."""
-    state, principal = await _caller(request, training_id)
+    state, principal = _caller(found, training_id)
     await run_in_threadpool(state.store.delete_training, training_id, principal.owner)
     data_dir = state.settings.data_dir
     lora = data_dir / "loras" / f"{training_id}.safetensors"
@@ -186,12 +170,12 @@ async def delete_training(request: Request, training_id: str):
         state.storage.path(f"inputs/train/{training_id}"),
     ):
         shutil.rmtree(folder, ignore_errors=True)
-    return _ok("Training deleted", training_id=training_id)
+    return ok("Training deleted", training_id=training_id)
 
 
 @router.post("/api/v3/finetune_list", summary="List this key's trainings")
-async def finetune_list(request: Request):
-    state, principal = await _caller(request)
+async def finetune_list(found: CallerDep):
+    state, principal = _caller(found)
     trainings = await run_in_threadpool(state.store.list_trainings, principal.owner)
     data = [
         {
@@ -205,7 +189,7 @@ async def finetune_list(request: Request):
         }
         for t in trainings
     ]
-    return _ok("model list", data=data)
+    return ok("model list", data=data)
 
 
 for _path, _kind, _summary in (

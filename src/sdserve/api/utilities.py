@@ -14,25 +14,18 @@ from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.chaining import OwnOutputs
-from sdserve.api.deps import authenticate
-from sdserve.api.deps import read_body as read_json_body
-from sdserve.api.state import ServerState, get_state
+from sdserve.api.deps import CallerDep
+from sdserve.api.envelope import ok
+from sdserve.api.state import ServerState
 from sdserve.engine.prompt_filter import check_prompt
 from sdserve.engine.safety import NsfwChecker
 from sdserve.errors import InvalidKey, JobNotFound, ValidationFailed
 from sdserve.ids import is_decimal, parse_job_id
-from sdserve.jobs.keys import Principal
 from sdserve.media.images import decode_base64_image, encode_png, load_image_input
 
 router = APIRouter(tags=["utilities"])
 _BASE64_TO_URL_LIMIT = 5 * 1024 * 1024  # the hosted API's 5 MB
 _CROP_SIZE = 512
-
-
-async def _caller(request: Request) -> tuple[ServerState, dict, Principal]:
-    state = get_state(request)
-    body = await read_json_body(request, state.settings)
-    return state, body, authenticate(request, body, state.keys)
 
 
 def _text(body: dict, field: str) -> str:
@@ -50,27 +43,21 @@ async def _store_png(state: ServerState, owner: str, image: Image.Image, folder:
 
 
 @router.post("/api/v3/base64_crop", summary="Store a base64 image (centre-cropped)")
-async def base64_crop(request: Request):
+async def base64_crop(found: CallerDep):
     """Store an image (a data URL); with crop, its centre square at 512x512, as training wants."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     image = decode_base64_image(_text(body, "image"), "image", state.settings)
     if str(body.get("crop", "")).strip().lower() in ("true", "yes", "1"):
         image = ImageOps.fit(image, (_CROP_SIZE, _CROP_SIZE), Image.Resampling.LANCZOS)
     job, url = await _store_png(state, principal.owner, image, "uploads")
     message = "image uploaded"
-    return {
-        "status": "success",
-        "messege": message,
-        "message": message,
-        "link": url,
-        "request_id": job.id,
-    }
+    return ok(message, link=url, request_id=job.id)
 
 
 @router.post("/api/v6/base64_to_url", summary="Turn a base64 image into a temporary URL")
-async def base64_to_url(request: Request):
+async def base64_to_url(found: CallerDep):
     """A temporary URL (24 h, like `temp` outputs) for a base64 image."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     value = _text(body, "base64_string")
     if len(value) > _BASE64_TO_URL_LIMIT * 4 // 3 + 1024:
         raise ValidationFailed({"base64_string": ["The base64_string may not be over 5 MB."]})
@@ -82,8 +69,8 @@ async def base64_to_url(request: Request):
 @router.post(
     "/api/v1/enterprise/upload_image", tags=["enterprise"], summary="Upload a base64 image"
 )
-async def upload_image(request: Request):
-    state, body, principal = await _caller(request)
+async def upload_image(found: CallerDep):
+    state, body, principal = found.state, found.body, found.principal
     if not principal.is_admin:
         raise InvalidKey()
     image_type = str(body.get("image_type") or "png").strip().lower()
@@ -97,19 +84,13 @@ async def upload_image(request: Request):
     await run_in_threadpool(state.storage.put, key, buffer.getvalue())
     job = await run_in_threadpool(state.store.add_stored_file, principal.owner, key)
     message = "image uploaded"
-    return {
-        "status": "success",
-        "message": message,
-        "messege": message,
-        "image_url": state.output_url(key),
-        "id": job.id,
-    }
+    return ok(message, image_url=state.output_url(key), id=job.id)
 
 
 @router.post("/api/v3/delete_image", summary="Delete a request's images")
-async def delete_image(request: Request):
+async def delete_image(found: CallerDep):
     """Delete an uploaded image, or a finished request's outputs, by request id."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     raw = body.get("request_id", body.get("id"))
     job_id = parse_job_id(raw)
     if job_id is None:
@@ -129,16 +110,16 @@ async def delete_image(request: Request):
         await run_in_threadpool(state.storage.delete, key)
         await run_in_threadpool(state.storage.delete, key + ".base64")
     message = f"{kind} deleted"
-    return {"status": "success", "messege": message, "message": message}
+    return ok(message)
 
 
 @router.post("/api/v3/nsfw_image_check", summary="Check an image for nudity")
 @router.post(
     "/api/v1/enterprise/nsfw_image_check", tags=["enterprise"], summary="Check an image for nudity"
 )
-async def nsfw_image_check(request: Request):
+async def nsfw_image_check(request: Request, found: CallerDep):
     """NudeNet's verdict on one image; the exact hosted shape (no `status` field)."""
-    state, body, principal = await _caller(request)
+    state, body, principal = found.state, found.body, found.principal
     if request.url.path.startswith("/api/v1/enterprise") and not principal.is_admin:
         raise InvalidKey()
     value = _text(body, "init_image")
@@ -156,9 +137,9 @@ async def nsfw_image_check(request: Request):
 
 
 @router.post("/api/check_nsfw_cp", summary="Check a prompt against the word lists")
-async def check_nsfw_cp(request: Request):
+async def check_nsfw_cp(found: CallerDep):
     """A word-list check of a prompt (see sdserve.engine.prompt_filter for what it is, and is not)."""
-    _state, body, _principal = await _caller(request)
+    _state, body, _principal = found.state, found.body, found.principal
     prompt = _text(body, "prompt")
     result = check_prompt(prompt)
     return {

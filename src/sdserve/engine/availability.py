@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from sdserve.jobs.catalogue import ModelCatalogue
+from sdserve.engine.assets import Catalogue
 from sdserve.settings import Settings
 
 # Generation models built in code (usable as model_id); `sdserve.engine.tiny` builds them.
@@ -80,7 +80,7 @@ def _hub_entry(repo: str, offline: bool) -> dict:
 
 def list_models(
     settings: Settings,
-    catalogue: ModelCatalogue | None,
+    catalogue: Catalogue | None,
     *,
     owner: str | None = None,
     trainers: dict[str, str] | None = None,

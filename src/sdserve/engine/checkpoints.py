@@ -59,7 +59,7 @@ _XL_CLIP_G = "conditioner.embedders.1.model."
 # ---- detection -------------------------------------------------------------------------------
 
 
-def detect_family(checkpoint: Mapping[str, torch.Tensor]) -> str:
+def detect_architecture(checkpoint: Mapping[str, torch.Tensor]) -> str:
     """The family ("sd15", "sd2", "sdxl", each maybe "-inpaint") of an original-layout state dict."""
     try:
         model_type = infer_diffusers_model_type(checkpoint)
@@ -97,17 +97,17 @@ def _family_from_layout(checkpoint: Mapping[str, torch.Tensor]) -> str:
     return family + "-inpaint" if conv_in.shape[1] == 9 else family
 
 
-def detect_file_family(path: Path) -> str:
-    """`detect_family` of a checkpoint file; safetensors files are probed without reading them whole."""
+def detect_file_architecture(path: Path) -> str:
+    """`detect_architecture` of a checkpoint file; safetensors files are probed without reading them whole."""
     _check_file(path)
     if path.suffix != ".safetensors":
-        return detect_family(_read_checkpoint(path))
+        return detect_architecture(_read_checkpoint(path))
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as exc:
         raise ModelUnavailable(f"Checkpoint {path.name} could not be read: {exc}") from exc
     with handle:
-        return detect_family(_LazyTensors(handle))
+        return detect_architecture(_LazyTensors(handle))
 
 
 class _LazyTensors(Mapping[str, torch.Tensor]):
@@ -178,7 +178,7 @@ def load_single_file(
     path: Path, *, config_dir: Path | None = None, torch_dtype: torch.dtype = torch.float32
 ) -> DiffusionPipeline:
     """Load an original-layout checkpoint as a diffusers pipeline, offline, safety checker off."""
-    family = detect_file_family(path)
+    family = detect_file_architecture(path)
     config = config_dir if config_dir is not None else config_folder(family)
     # from_single_file downloads configs when `config` is not a folder: never let it get there.
     if not (config / "model_index.json").is_file():

@@ -24,11 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdserve.engine.assets import Catalogue, CatalogueEntry, new_entry
 from sdserve.engine.base import EngineJob, EngineOutput, Runtime
-from sdserve.engine.checkpoints import detect_file_family, load_single_file
+from sdserve.engine.checkpoints import detect_file_architecture, load_single_file
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import EngineError, ModelUnavailable
-from sdserve.jobs.catalogue import CatalogueEntry, ModelCatalogue, new_entry
 from sdserve.net import BlockedUrl, guard_hooks
 from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
@@ -73,7 +73,7 @@ class ModelImporter:
     def __init__(self, settings: Settings, registry: ModelRegistry):
         self.settings = settings
         self.registry = registry
-        self.catalogue: ModelCatalogue = registry.catalogue
+        self.catalogue: Catalogue = registry.catalogue
 
     def run(self, spec: ImportSpec, progress: ProgressCallback) -> CatalogueEntry:
         staging = self.settings.data_dir / "downloads"
@@ -396,7 +396,7 @@ def _check_weights(path: Path, spec: ImportSpec, config: Path | None) -> tuple[P
 
 def _check_pipeline(path: Path, spec: ImportSpec, config: Path | None) -> str:
     try:
-        family = detect_file_family(path)
+        family = detect_file_architecture(path)
     except ModelUnavailable as exc:
         raise ImportFailed(f"Not a Stable Diffusion checkpoint: {exc.message}") from None
     category = "stable_diffusion_xl" if family.startswith("sdxl") else "stable_diffusion"

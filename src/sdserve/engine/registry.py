@@ -22,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from sdserve.engine import tiny
+from sdserve.engine.assets import ADMIN_OWNER, Catalogue
 from sdserve.engine.availability import (
     CHECKPOINT_SUFFIXES,
     HUB_CATALOGUE,
@@ -33,8 +34,6 @@ from sdserve.engine.availability import (
     user_catalogue,
 )
 from sdserve.errors import ModelNotFound, ModelUnavailable, ValidationFailed
-from sdserve.jobs.catalogue import ModelCatalogue
-from sdserve.jobs.store import ADMIN_OWNER
 from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
 
@@ -66,7 +65,7 @@ class ModelRegistry:
     def __init__(
         self,
         settings: Settings,
-        catalogue: ModelCatalogue | None = None,
+        catalogue: Catalogue | None = None,
         storage: StorageRouter | None = None,
     ):
         self.settings = settings
@@ -173,7 +172,7 @@ class ModelRegistry:
                     f"{self.settings.models_dir / source.model_id}.safetensors"
                 )
 
-    def family(self, source: ModelSource) -> str | None:
+    def architecture(self, source: ModelSource) -> str | None:
         """sd15 | sd2 | sdxl | t2v | svd, when knowable without loading weights (else None)."""
         if source.kind == "builtin":
             return _BUILTIN_FAMILIES.get(source.model_id)

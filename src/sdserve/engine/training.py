@@ -70,7 +70,6 @@ class TrainingParams(BaseModel):
     seed: int
     prior_preservation: bool
     webhook: str | None
-    image_keys: list[str] = []
 
 
 class TrainingCancelled(Exception):

@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from sdserve.errors import ValidationFailed
+from sdserve.engine.assets import CATEGORIES, CatalogueEntry, DuplicateModel, new_entry
 from sdserve.jobs.db import ModelEntry, Training
-from sdserve.jobs.store import ADMIN_OWNER, JobStore
+from sdserve.jobs.store import JobStore
 
-CATEGORIES = (
-    "stable_diffusion",
-    "stable_diffusion_xl",
-    "controlnet",
-    "lora",
-    "embeddings",
-    "vae",
-    "super_resolution",  # Real-ESRGAN .pth / .safetensors (engine/super_resolution.py)
-)
+__all__ = ["CATEGORIES", "CatalogueEntry", "DuplicateModel", "ModelCatalogue", "new_entry"]
 
 
-@dataclass(frozen=True)
-class CatalogueEntry:
-    model_id: str
-    category: str
-    location: str  # a file or folder path, or "hf:<repo>"
-    config_model_id: str | None  # a model whose configs a single file loads with
-    url: str
-    sha256: str | None
-    size_bytes: int
-    owned: bool
-    owner: str
-    name: str
-    visibility: str
-    loaded_at: float
-
-    @classmethod
-    def of(cls, row: ModelEntry) -> CatalogueEntry:
-        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
-
-    def visible_to(self, owner: str | None) -> bool:
-        return self.visibility != "private" or owner in (None, ADMIN_OWNER, self.owner)
-
-
-class DuplicateModel(ValidationFailed):
-    def __init__(self, model_id: str):
-        super().__init__(
-            {
-                "model_id": [
-                    f"A model with the id {model_id} already exists. Delete it first, or send "
-                    "force_load: yes to replace it."
-                ]
-            }
-        )
+def _entry(row: ModelEntry) -> CatalogueEntry:
+    return CatalogueEntry(**{name: getattr(row, name) for name in CatalogueEntry.__dataclass_fields__})
 
 
 class ModelCatalogue:
@@ -65,14 +23,14 @@ class ModelCatalogue:
     def get(self, model_id: str) -> CatalogueEntry | None:
         with self._store.session() as s:
             row = s.get(ModelEntry, model_id)
-            return None if row is None else CatalogueEntry.of(row)
+            return None if row is None else _entry(row)
 
     def list(self, category: str | None = None) -> list[CatalogueEntry]:
         with self._store.session() as s:
             query = select(ModelEntry).order_by(ModelEntry.loaded_at)
             if category is not None:
                 query = query.where(ModelEntry.category == category)
-            return [CatalogueEntry.of(row) for row in s.scalars(query)]
+            return [_entry(row) for row in s.scalars(query)]
 
     def trainer(self, training_id: str) -> str | None:
         """The owner of the training whose result is `training_id` (its model or LoRA), if any."""
@@ -88,7 +46,7 @@ class ModelCatalogue:
         """Add the entry; with `replace`, return the one it replaced (whose files may go)."""
         with self._store.session(write=True) as s:
             old = s.get(ModelEntry, entry.model_id)
-            previous = None if old is None else CatalogueEntry.of(old)
+            previous = None if old is None else _entry(old)
             if old is not None:
                 if not replace:
                     raise DuplicateModel(entry.model_id)
@@ -107,21 +65,6 @@ class ModelCatalogue:
             row = s.get(ModelEntry, model_id)
             if row is None:
                 return None
-            entry = CatalogueEntry.of(row)
+            entry = _entry(row)
             s.delete(row)
             return entry
-
-
-def new_entry(**fields) -> CatalogueEntry:
-    defaults = {
-        "config_model_id": None,
-        "url": "",
-        "sha256": None,
-        "size_bytes": 0,
-        "owned": True,
-        "owner": ADMIN_OWNER,
-        "name": "",
-        "visibility": "public",
-        "loaded_at": time.time(),
-    }
-    return CatalogueEntry(**(defaults | fields))

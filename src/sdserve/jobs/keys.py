@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from sdserve.engine.assets import ADMIN_OWNER
 from sdserve.jobs.db import ApiKey, Plan, ServerConfig
-from sdserve.jobs.store import ADMIN_OWNER, JobStore
+from sdserve.jobs.store import JobStore
 
 _CACHE_TTL_SECONDS = 2.0
 _CACHE_MAX = 10_000

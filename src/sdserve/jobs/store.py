@@ -1,4 +1,6 @@
-"""The durable job queue: submit, claim batches under a lease, progress, completion, ETA, webhooks."""
+"""The durable job queue: submit, claim batches under a lease, progress and completion. Quotas, ETA,
+the webhook outbox and trainings are the store's other parts (quotas, estimates, outbox,
+trainings), mixed into JobStore."""
 
 from __future__ import annotations
 
@@ -7,106 +9,39 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from sqlalchemy import case, create_engine, event, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sdserve.errors import JobNotFound, QuotaExceeded, RateLimited, StoreUnavailable
+from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
 from sdserve.extras import require
 from sdserve.jobs.db import (
     Job,
-    KeyUsage,
     OutputFile,
     ServerConfig,
-    StepTiming,
-    Training,
-    WebhookDelivery,
     WebhookOutbox,
-    WorkerRecord,
 )
+from sdserve.jobs.estimates import Estimates
 from sdserve.jobs.eta import (
     MIN_LOAD_SECONDS,
-    STEP_FLOOR_UNITS,
     Estimator,
-    ModelTiming,
-    Pending,
     eta_units,
     timing_key,
     unit_seconds,
 )
-
-ADMIN_OWNER = "admin"
-FINISHED = ("success", "failed")
-_FINISHED_CACHE_SIZE = 20_000
-_DEFAULT_SECONDS_PER_UNIT = 0.1  # until a model has been measured
-_TIMING_SMOOTHING = 0.3
-_RATE_CACHE_SECONDS = 5.0
-_LIVE_WORKER_SECONDS = 120.0  # as the metrics count live workers
-# What eta.eta_units prices a job at, in SQL.
-_ETA_UNITS = case(
-    (Job.cost > STEP_FLOOR_UNITS * Job.total_steps, Job.cost),
-    else_=STEP_FLOOR_UNITS * Job.total_steps,
+from sdserve.jobs.outbox import Webhooks
+from sdserve.jobs.quotas import Quotas
+from sdserve.jobs.trainings import Trainings
+from sdserve.jobs.views import (
+    FINISHED,
+    JobView,
+    _finished_values,
+    _visible,
 )
-_BATCH_PULL = 7  # later jobs a batch can take along (the default max_batch_size, less one)
 
-
-@dataclass(frozen=True)
-class JobView:
-    """A detached snapshot of a job row."""
-
-    id: int
-    kind: str
-    dialect: str
-    status: str
-    model_id: str
-    batch_key: str
-    owner: str
-    params: dict
-    result: dict | None
-    error: str | None
-    step: int
-    total_steps: int
-    cost: float
-    track_id: str | None
-    webhook: str | None
-    attempts: int
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    generation_time: float | None
-
-    @classmethod
-    def of(cls, job: Job) -> JobView:
-        return cls(**{name: getattr(job, name) for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class QueueInfo:
-    position: int  # jobs ahead in the queue (0 = next or running)
-    eta: float  # seconds until this job is expected to finish
-
-
-def _visible(view: JobView, owner: str | None) -> JobView:
-    if owner not in (None, ADMIN_OWNER) and view.owner != owner:
-        raise JobNotFound()
-    return view
-
-
-def _finished_values(status: str, result: dict | None, error: str | None, now: float) -> dict:
-    """The columns a job's end writes: its outcome, and its lease let go."""
-    return {
-        "status": status,
-        "result": result,
-        "error": error,
-        "finished_at": now,
-        "lease_owner": None,
-        "lease_expires": None,
-    }
+_FINISHED_CACHE_SIZE = 20_000
 
 
 def _sqlite_setup(engine: Engine) -> None:
@@ -139,7 +74,10 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-class JobStore:
+class JobStore(Quotas, Estimates, Webhooks, Trainings):
+    """One database of jobs: the queue itself here; quotas, estimates, the webhook outbox and
+    trainings in their own modules, mixed in."""
+
     def __init__(self, database_url: str):
         database_url = normalize_database_url(database_url)
         self.url = database_url
@@ -183,6 +121,11 @@ class JobStore:
         except OperationalError as exc:
             raise StoreUnavailable(f"Job store unavailable: {exc.orig}") from exc
 
+    def ping(self) -> None:
+        """One round trip (readiness); StoreUnavailable when the database does not answer."""
+        with self.session() as s:
+            s.execute(select(1))
+
     def load_config(self, name: str) -> dict | None:
         """A server setting saved for every process (the S3 storage of `update_s3`)."""
         with self.session() as s:
@@ -215,77 +158,31 @@ class JobStore:
         queue_limit: int | None,
         key_id: int | None = None,
         monthly_quota: int | None = None,
+        training: dict | None = None,
+        model_allowance: int | None = None,
     ) -> JobView:
+        """Queue a job in one transaction: the key's request counted (refused past its quota or
+        queue limit), the row inserted, and for a training its record (see trainings)."""
         with self.session(write=True) as s:
             if key_id is not None:
                 self._count_request(s, key_id, monthly_quota)
-            return JobView.of(
-                self._insert_job(
-                    s,
-                    kind=kind,
-                    dialect=dialect,
-                    model_id=model_id,
-                    batch_key=batch_key,
-                    owner=owner,
-                    params=params,
-                    total_steps=total_steps,
-                    cost=cost,
-                    track_id=track_id,
-                    webhook=webhook,
-                    queue_limit=queue_limit,
-                )
+            job = self._insert_job(
+                s,
+                kind=kind,
+                dialect=dialect,
+                model_id=model_id,
+                batch_key=batch_key,
+                owner=owner,
+                params=params,
+                total_steps=total_steps,
+                cost=cost,
+                track_id=track_id,
+                webhook=webhook,
+                queue_limit=queue_limit,
             )
-
-    def check_limits(
-        self, owner: str, queue_limit: int | None, key_id: int | None, quota: int | None
-    ) -> None:
-        """Refuse now what `submit` would refuse (queue full, month used up), before a request
-        does any work on its inputs. `submit` checks again, in its own transaction."""
-        with self.session() as s:
-            if queue_limit is not None:
-                waiting = s.scalar(
-                    select(func.count(Job.id)).where(
-                        Job.owner == owner, Job.status.in_(("queued", "processing"))
-                    )
-                )
-                if waiting >= queue_limit:
-                    raise RateLimited(queue_limit)
-            if key_id is not None and quota is not None:
-                period = time.strftime("%Y-%m", time.gmtime())
-                used = s.scalar(
-                    select(KeyUsage.requests).where(
-                        KeyUsage.key_id == key_id, KeyUsage.period == period
-                    )
-                )
-                if (used or 0) >= quota:
-                    raise QuotaExceeded(quota)
-
-    def _count_request(self, s: Session, key_id: int, quota: int | None) -> None:
-        """Count one accepted request against the key's month; refuse it past the quota."""
-        period = time.strftime("%Y-%m", time.gmtime())
-        insert = sqlite_insert if self.is_sqlite else pg_insert
-        s.execute(
-            insert(KeyUsage)
-            .values(key_id=key_id, period=period, requests=1)
-            .on_conflict_do_update(
-                index_elements=["key_id", "period"], set_={"requests": KeyUsage.requests + 1}
-            )
-        )
-        used = s.scalar(
-            select(KeyUsage.requests).where(KeyUsage.key_id == key_id, KeyUsage.period == period)
-        )
-        if quota is not None and used > quota:
-            raise QuotaExceeded(quota)  # the transaction rolls back, count included
-
-    def usage(self, key_id: int) -> int:
-        period = time.strftime("%Y-%m", time.gmtime())
-        with self.session() as s:
-            used = s.scalar(
-                select(KeyUsage.requests).where(
-                    KeyUsage.key_id == key_id, KeyUsage.period == period
-                )
-            )
-            return used or 0
+            if training is not None:
+                self._add_training(s, job, training, model_allowance)
+            return JobView.of(job)
 
     def add_stored_file(self, owner: str, key: str, kind: str = "upload") -> JobView:
         """A finished job for a file a client uploaded: same id space, fetch and delete_image."""
@@ -384,149 +281,6 @@ class JobStore:
         with self._finished_lock:
             view = self._finished.get(job_id)
         return None if view is None else _visible(view, owner)
-
-    def queue_info(self, job: JobView) -> QueueInfo:
-        """Position and ETA: the work ahead of this job over the live workers, a cold worker's
-        model load, and its own run at its model's measured speed (sdserve.jobs.eta)."""
-        estimator = self._estimator()
-        key = timing_key(job.model_id, job.kind)
-        units = eta_units(job.cost, job.total_steps)
-        if job.status == "processing":
-            left = 1 - (job.step / job.total_steps if job.total_steps else 0)
-            loading = job.step == 0 and job.model_id not in estimator.resident
-            with self.session() as s:  # the jobs sharing its loop: it ends when the loop does
-                count, cost = s.execute(
-                    select(func.count(), func.coalesce(func.sum(_ETA_UNITS), 0.0)).where(
-                        Job.status == "processing", Job.batch_key == job.batch_key
-                    )
-                ).one()
-            count, cost = max(count, 1), max(cost, units)
-            loop = Pending(job.model_id, key, cost / count, left, loading)
-            eta = estimator.running(loop) + (count - 1) * estimator.running(
-                Pending(job.model_id, key, cost / count, left)
-            )
-            return QueueInfo(0, round(eta, 2))
-        before = Job.id < job.id
-        with self.session() as s:  # the waiting jobs by batch, and the few running ones
-            queued = s.execute(
-                select(
-                    Job.batch_key,
-                    Job.model_id,
-                    Job.kind,
-                    func.count(case((before, 1))),
-                    func.coalesce(func.sum(case((before, _ETA_UNITS), else_=0.0)), 0.0),
-                    func.count(case((Job.id > job.id, 1))),
-                    func.coalesce(func.sum(case((Job.id > job.id, _ETA_UNITS), else_=0.0)), 0.0),
-                )
-                .where(Job.status == "queued")
-                .group_by(Job.batch_key, Job.model_id, Job.kind)
-            ).all()
-            running = s.execute(
-                select(Job.model_id, Job.kind, _ETA_UNITS, Job.step, Job.total_steps).where(
-                    Job.status == "processing"
-                )
-            ).all()
-        ahead = [
-            Pending(
-                model_id,
-                timing_key(model_id, kind),
-                cost,
-                1 - (step / total if total else 0),
-                step == 0 and model_id not in estimator.resident,
-            )
-            for model_id, kind, cost, step, total in running
-        ]
-        batches_ahead = {row[0] for row in queued if row[3]} | {job.batch_key}
-        position = 0
-        for batch_key, model_id, kind, count, cost, later, later_cost in queued:
-            position += count
-            key_ahead = timing_key(model_id, kind)
-            unit = (cost + later_cost) / (count + later) if count + later else units
-            if batch_key in batches_ahead:
-                # A batch that runs before this job ends takes later jobs of its kind along, in
-                # its one loop: those queued now, or as many as batches have lately held (jobs
-                # still arriving), up to a batch's worth.
-                own = 1 if batch_key == job.batch_key else 0
-                usual = estimator.batch_size(key_ahead)
-                pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
-                count += max(pulled, 0)
-                cost = unit * count
-            # One entry per job: each carries its fixed per-job work (eta.PER_JOB_UNITS).
-            ahead.extend(Pending(model_id, key_ahead, cost / count) for _ in range(count))
-        eta = estimator.waiting(Pending(job.model_id, key, units), ahead)
-        return QueueInfo(position, round(eta, 2))
-
-    def _estimator(self) -> Estimator:
-        """Measured timings and the live workers' resident models, re-read every few seconds."""
-        cached = self._eta_cache
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
-        now = time.time()
-        with self.session() as s:
-            timings = {
-                row.model_id: ModelTiming(row.seconds_per_unit, row.load_seconds, row.batch_size)
-                for row in s.scalars(select(StepTiming))
-            }
-            workers = s.execute(
-                select(WorkerRecord.resident, WorkerRecord.state, WorkerRecord.device).where(
-                    WorkerRecord.last_seen > now - _LIVE_WORKER_SECONDS
-                )
-            ).all()
-        resident = {model for models, _, _ in workers for model in (models or [])}
-        live = sum(1 for _, state, _ in workers if state != "draining")
-        gpu = any(device.startswith("cuda") for _, _, device in workers)
-        estimator = Estimator(timings, resident, live, gpu)
-        self._eta_cache = (estimator, time.monotonic() + _RATE_CACHE_SECONDS)
-        return estimator
-
-    def queue_stats(self) -> tuple[int, float]:
-        """(jobs waiting, seconds of work waiting) for `system_load`."""
-        with self.session() as s:
-            count, cost = s.execute(
-                select(func.count(Job.id), func.coalesce(func.sum(Job.cost), 0.0)).where(
-                    Job.status.in_(("queued", "processing"))
-                )
-            ).one()
-            return int(count), cost * self._seconds_per_unit(s, None)
-
-    def _seconds_per_unit(self, s: Session, model_id: str | None) -> float:
-        query = select(StepTiming.seconds_per_unit)
-        if model_id is not None:
-            found = s.scalar(query.where(StepTiming.model_id == model_id))
-        else:
-            found = s.scalar(select(func.avg(StepTiming.seconds_per_unit)))
-        return found or _DEFAULT_SECONDS_PER_UNIT
-
-    @staticmethod
-    def _record_timing(
-        s: Session,
-        model_id: str,
-        seconds_per_unit: float,
-        load_seconds: float | None = None,
-        batch_size: float = 1.0,
-    ) -> None:
-        row = s.get(StepTiming, model_id)
-        if row is None:
-            s.add(
-                StepTiming(
-                    model_id=model_id,
-                    seconds_per_unit=seconds_per_unit,
-                    load_seconds=load_seconds,
-                    batch_size=batch_size,
-                    updated_at=time.time(),
-                )
-            )
-            return
-        row.seconds_per_unit += _TIMING_SMOOTHING * (seconds_per_unit - row.seconds_per_unit)
-        previous_batch = row.batch_size or batch_size
-        row.batch_size = previous_batch + _TIMING_SMOOTHING * (batch_size - previous_batch)
-        if load_seconds is not None:
-            # The slower of the last load and the smoothed ones: an eta that errs long.
-            previous = row.load_seconds or load_seconds
-            row.load_seconds = max(
-                load_seconds, previous + _TIMING_SMOOTHING * (load_seconds - previous)
-            )
-        row.updated_at = time.time()
 
     # ---- workers ---------------------------------------------------------------------------
 
@@ -703,208 +457,3 @@ class JobStore:
                 WebhookOutbox(job_id=job.id, url=job.webhook, payload=None, next_at=now)
             )
 
-    # ---- webhooks --------------------------------------------------------------------------
-
-    def add_webhook(self, s: Session, job_id: int, url: str, payload: dict | None) -> None:
-        s.add(WebhookOutbox(job_id=job_id, url=url, payload=payload, next_at=time.time()))
-
-    def claim_webhooks(
-        self, limit: int, hold_seconds: float
-    ) -> list[tuple[int, str, dict | None, JobView]]:
-        """Due webhooks as (outbox id, url, payload, job); pushed forward so no one else sends now."""
-        now = time.time()
-        with self.session(write=True) as s:
-            rows = s.scalars(
-                select(WebhookOutbox)
-                .where(WebhookOutbox.state == "pending", WebhookOutbox.next_at <= now)
-                .order_by(WebhookOutbox.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
-            due = []
-            for row in rows:
-                row.next_at = now + hold_seconds
-                due.append((row.id, row.url, row.payload, JobView.of(s.get(Job, row.job_id))))
-            return due
-
-    def record_webhook_attempt(
-        self,
-        outbox_id: int,
-        status_code: int | None,
-        error: str | None,
-        ok: bool,
-        max_attempts: int,
-        backoff_seconds: float,
-    ) -> None:
-        now = time.time()
-        with self.session(write=True) as s:
-            row = s.get(WebhookOutbox, outbox_id)
-            row.attempts += 1
-            s.add(
-                WebhookDelivery(
-                    job_id=row.job_id,
-                    outbox_id=row.id,
-                    attempt=row.attempts,
-                    url=row.url,
-                    sent_at=now,
-                    status_code=status_code,
-                    error=error,
-                    ok=ok,
-                )
-            )
-            if ok:
-                row.state = "delivered"
-            elif row.attempts >= max_attempts:
-                row.state = "gave_up"
-            else:
-                row.next_at = now + backoff_seconds * 2 ** (row.attempts - 1)
-
-    # ---- trainings ---------------------------------------------------------------------------
-
-    def submit_training(
-        self,
-        *,
-        training_id: str,
-        kind: str,
-        job_kind: str,
-        base_model_id: str,
-        instance_prompt: str,
-        owner: str,
-        params: dict,
-        total_steps: int,
-        webhook: str | None,
-        queue_limit: int | None,
-        key_id: int | None = None,
-        monthly_quota: int | None = None,
-        model_allowance: int | None = None,
-    ) -> JobView:
-        """The training row and its queued job in one transaction, at stage `deploying_gpu`."""
-        with self.session(write=True) as s:
-            if key_id is not None:
-                self._count_request(s, key_id, monthly_quota)
-            if model_allowance is not None:
-                used = s.scalar(select(func.count()).where(Training.owner == owner))
-                if used >= model_allowance:
-                    raise ModelAllowanceUsed(model_allowance)
-            job = self._insert_job(
-                s,
-                kind=job_kind,
-                dialect="training",
-                model_id=base_model_id,
-                batch_key=f"train|{training_id}",
-                owner=owner,
-                params=params,
-                total_steps=total_steps,
-                cost=float(total_steps),
-                track_id=None,
-                webhook=None,  # training webhooks are owed per stage, see _stage
-                queue_limit=queue_limit,
-            )
-            row = Training(
-                training_id=training_id,
-                job_id=job.id,
-                owner=owner,
-                kind=kind,
-                base_model_id=base_model_id,
-                instance_prompt=instance_prompt,
-                stage="deploying_gpu",
-                log="",
-                created_at=time.time(),
-            )
-            s.add(row)
-            self._stage(s, row, "deploying_gpu", "request received, waiting for a GPU", webhook)
-            return JobView.of(job)
-
-    def get_training(self, training_id: str, owner: str | None = None) -> dict:
-        with self.session() as s:
-            row = s.get(Training, training_id)
-            if row is None or (owner not in (None, ADMIN_OWNER) and row.owner != owner):
-                raise TrainingNotFound()
-            return _training_dict(row)
-
-    def list_trainings(self, owner: str) -> list[dict]:
-        with self.session() as s:
-            query = select(Training).order_by(Training.created_at)
-            if owner != ADMIN_OWNER:
-                query = query.where(Training.owner == owner)
-            return [_training_dict(row) for row in s.scalars(query)]
-
-    def _stage(self, s: Session, row: Training, stage: str, line: str, webhook: str | None) -> None:
-        """Move to a stage, append to the readable log, and owe the webhook that stage."""
-        row.stage = stage
-        row.log += f" /n {stage}: {line}"
-        if webhook:
-            payload = {
-                "status": "failed"
-                if stage in ("training_failed", "training_cancelled")
-                else "success",
-                "training_status": stage,
-                "logs": line,
-                "model_id": row.training_id,
-                "training_id": row.training_id,
-            }
-            self.add_webhook(s, row.job_id, webhook, payload)
-
-    def set_job_stage(self, job_id: int, stage: str, line: str) -> None:
-        """A running job's named stage: trainings record it (and owe its webhook); other jobs
-        have no stages to keep."""
-        with self.session(write=True) as s:
-            row = s.scalar(select(Training).where(Training.job_id == job_id))
-            if row is not None:
-                job = s.get(Job, job_id)
-                self._stage(s, row, stage, line, (job.params or {}).get("webhook"))
-
-    def job_cancelled(self, job_id: int) -> bool:
-        """True once a training's cancel (or delete, which removes its row) was asked for."""
-        with self.session() as s:
-            row = s.execute(
-                select(Training.cancel_requested).where(Training.job_id == job_id)
-            ).first()
-            return row is None or bool(row[0])  # no row: the training was deleted
-
-    def request_cancel(self, training_id: str, owner: str) -> dict:
-        """Flag a training to stop; a queued one stops now, a running one within a step."""
-        training = self.get_training(training_id, owner)
-        with self.session(write=True) as s:
-            row = s.get(Training, training_id)
-            row.cancel_requested = True
-            job = s.get(Job, row.job_id)
-            if job.status == "queued":
-                self._finish(job, "failed", None, "Training cancelled", time.time())
-                webhook = (job.params or {}).get("webhook")
-                self._stage(s, row, "training_cancelled", "cancelled before it started", webhook)
-        return training
-
-    def delete_training(self, training_id: str, owner: str) -> dict:
-        training = self.request_cancel(training_id, owner)
-        with self.session(write=True) as s:
-            s.delete(s.get(Training, training_id))
-        return training
-
-
-class ModelAllowanceUsed(QuotaExceeded):
-    def __init__(self, allowance: int):
-        super().__init__(allowance)
-        self.tip = (
-            f"Your plan allows {allowance} trained models and all are used: delete one, or buy "
-            "more with /api/v3/dreambooth/buy_model"
-        )
-
-
-class TrainingNotFound(JobNotFound):
-    def __init__(self) -> None:
-        super().__init__("Training not found")
-
-
-def _training_dict(row: Training) -> dict:
-    return {
-        "training_id": row.training_id,
-        "job_id": row.job_id,
-        "kind": row.kind,
-        "base_model_id": row.base_model_id,
-        "instance_prompt": row.instance_prompt,
-        "stage": row.stage,
-        "log": row.log,
-        "cancel_requested": row.cancel_requested,
-        "created_at": row.created_at,
-    }

@@ -201,6 +201,10 @@ class JobSpec:
     webhook: str | None = None
     track_id: Any = None
     instant_response: bool = False
+    # A training: its public record (training_id, kind, base_model_id, instance_prompt, and the
+    # webhook its stages are posted to); `counts_as_model` when it uses the plan's allowance.
+    training: dict[str, Any] | None = None
+    counts_as_model: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sdserve.engine.assets import CATEGORIES
 from sdserve.errors import ValidationFailed
-from sdserve.jobs.catalogue import CATEGORIES
 from sdserve.schemas.coerce import Flag, Text
 from sdserve.schemas.common import validation_error_map
 

@@ -171,7 +171,7 @@ def video_job(dialect: Dialect, *, image_to_video: bool = False, video_to_video:
 
         source = registry.resolve(model_id, ctx.owner)
         registry.check_available(source)
-        kind = _video_kind(model_id, registry.family(source), image_to_video)
+        kind = _video_kind(model_id, registry.architecture(source), image_to_video)
         p = normalize_video_request(req, kind, dialect.name, settings, model_id=model_id)
         if req.enhance_prompt and p.prompt:
             p.prompt, p.negative_prompt = enhance_prompt(p.prompt, p.negative_prompt)

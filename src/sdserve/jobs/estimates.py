@@ -1,0 +1,185 @@
+"""The store's part that answers queue position and ETA from measured speeds (sdserve.jobs.eta)."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from sdserve.jobs.db import (
+    Job,
+    StepTiming,
+    WorkerRecord,
+)
+from sdserve.jobs.eta import (
+    STEP_FLOOR_UNITS,
+    Estimator,
+    ModelTiming,
+    Pending,
+    eta_units,
+    timing_key,
+)
+from sdserve.jobs.views import (
+    JobView,
+    QueueInfo,
+)
+
+_DEFAULT_SECONDS_PER_UNIT = 0.1  # until a model has been measured
+_TIMING_SMOOTHING = 0.3
+_RATE_CACHE_SECONDS = 5.0
+_LIVE_WORKER_SECONDS = 120.0  # as the metrics count live workers
+# What eta.eta_units prices a job at, in SQL.
+_ETA_UNITS = case(
+    (Job.cost > STEP_FLOOR_UNITS * Job.total_steps, Job.cost),
+    else_=STEP_FLOOR_UNITS * Job.total_steps,
+)
+_BATCH_PULL = 7  # later jobs a batch can take along (the default max_batch_size, less one)
+
+
+
+
+class Estimates:
+    def queue_info(self, job: JobView) -> QueueInfo:
+        """Position and ETA: the work ahead of this job over the live workers, a cold worker's
+        model load, and its own run at its model's measured speed (sdserve.jobs.eta)."""
+        estimator = self._estimator()
+        key = timing_key(job.model_id, job.kind)
+        units = eta_units(job.cost, job.total_steps)
+        if job.status == "processing":
+            left = 1 - (job.step / job.total_steps if job.total_steps else 0)
+            loading = job.step == 0 and job.model_id not in estimator.resident
+            with self.session() as s:  # the jobs sharing its loop: it ends when the loop does
+                count, cost = s.execute(
+                    select(func.count(), func.coalesce(func.sum(_ETA_UNITS), 0.0)).where(
+                        Job.status == "processing", Job.batch_key == job.batch_key
+                    )
+                ).one()
+            count, cost = max(count, 1), max(cost, units)
+            loop = Pending(job.model_id, key, cost / count, left, loading)
+            eta = estimator.running(loop) + (count - 1) * estimator.running(
+                Pending(job.model_id, key, cost / count, left)
+            )
+            return QueueInfo(0, round(eta, 2))
+        before = Job.id < job.id
+        with self.session() as s:  # the waiting jobs by batch, and the few running ones
+            queued = s.execute(
+                select(
+                    Job.batch_key,
+                    Job.model_id,
+                    Job.kind,
+                    func.count(case((before, 1))),
+                    func.coalesce(func.sum(case((before, _ETA_UNITS), else_=0.0)), 0.0),
+                    func.count(case((Job.id > job.id, 1))),
+                    func.coalesce(func.sum(case((Job.id > job.id, _ETA_UNITS), else_=0.0)), 0.0),
+                )
+                .where(Job.status == "queued")
+                .group_by(Job.batch_key, Job.model_id, Job.kind)
+            ).all()
+            running = s.execute(
+                select(Job.model_id, Job.kind, _ETA_UNITS, Job.step, Job.total_steps).where(
+                    Job.status == "processing"
+                )
+            ).all()
+        ahead = [
+            Pending(
+                model_id,
+                timing_key(model_id, kind),
+                cost,
+                1 - (step / total if total else 0),
+                step == 0 and model_id not in estimator.resident,
+            )
+            for model_id, kind, cost, step, total in running
+        ]
+        batches_ahead = {row[0] for row in queued if row[3]} | {job.batch_key}
+        position = 0
+        for batch_key, model_id, kind, count, cost, later, later_cost in queued:
+            position += count
+            key_ahead = timing_key(model_id, kind)
+            unit = (cost + later_cost) / (count + later) if count + later else units
+            if batch_key in batches_ahead:
+                # A batch that runs before this job ends takes later jobs of its kind along, in
+                # its one loop: those queued now, or as many as batches have lately held (jobs
+                # still arriving), up to a batch's worth.
+                own = 1 if batch_key == job.batch_key else 0
+                usual = estimator.batch_size(key_ahead)
+                pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
+                count += max(pulled, 0)
+                cost = unit * count
+            # One entry per job: each carries its fixed per-job work (eta.PER_JOB_UNITS).
+            ahead.extend(Pending(model_id, key_ahead, cost / count) for _ in range(count))
+        eta = estimator.waiting(Pending(job.model_id, key, units), ahead)
+        return QueueInfo(position, round(eta, 2))
+
+    def _estimator(self) -> Estimator:
+        """Measured timings and the live workers' resident models, re-read every few seconds."""
+        cached = self._eta_cache
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        now = time.time()
+        with self.session() as s:
+            timings = {
+                row.model_id: ModelTiming(row.seconds_per_unit, row.load_seconds, row.batch_size)
+                for row in s.scalars(select(StepTiming))
+            }
+            workers = s.execute(
+                select(WorkerRecord.resident, WorkerRecord.state, WorkerRecord.device).where(
+                    WorkerRecord.last_seen > now - _LIVE_WORKER_SECONDS
+                )
+            ).all()
+        resident = {model for models, _, _ in workers for model in (models or [])}
+        live = sum(1 for _, state, _ in workers if state != "draining")
+        gpu = any(device.startswith("cuda") for _, _, device in workers)
+        estimator = Estimator(timings, resident, live, gpu)
+        self._eta_cache = (estimator, time.monotonic() + _RATE_CACHE_SECONDS)
+        return estimator
+
+    def queue_stats(self) -> tuple[int, float]:
+        """(jobs waiting, seconds of work waiting) for `system_load`."""
+        with self.session() as s:
+            count, cost = s.execute(
+                select(func.count(Job.id), func.coalesce(func.sum(Job.cost), 0.0)).where(
+                    Job.status.in_(("queued", "processing"))
+                )
+            ).one()
+            return int(count), cost * self._seconds_per_unit(s, None)
+
+    def _seconds_per_unit(self, s: Session, model_id: str | None) -> float:
+        query = select(StepTiming.seconds_per_unit)
+        if model_id is not None:
+            found = s.scalar(query.where(StepTiming.model_id == model_id))
+        else:
+            found = s.scalar(select(func.avg(StepTiming.seconds_per_unit)))
+        return found or _DEFAULT_SECONDS_PER_UNIT
+
+    @staticmethod
+    def _record_timing(
+        s: Session,
+        model_id: str,
+        seconds_per_unit: float,
+        load_seconds: float | None = None,
+        batch_size: float = 1.0,
+    ) -> None:
+        row = s.get(StepTiming, model_id)
+        if row is None:
+            s.add(
+                StepTiming(
+                    model_id=model_id,
+                    seconds_per_unit=seconds_per_unit,
+                    load_seconds=load_seconds,
+                    batch_size=batch_size,
+                    updated_at=time.time(),
+                )
+            )
+            return
+        row.seconds_per_unit += _TIMING_SMOOTHING * (seconds_per_unit - row.seconds_per_unit)
+        previous_batch = row.batch_size or batch_size
+        row.batch_size = previous_batch + _TIMING_SMOOTHING * (batch_size - previous_batch)
+        if load_seconds is not None:
+            # The slower of the last load and the smoothed ones: an eta that errs long.
+            previous = row.load_seconds or load_seconds
+            row.load_seconds = max(
+                load_seconds, previous + _TIMING_SMOOTHING * (load_seconds - previous)
+            )
+        row.updated_at = time.time()
+
