@@ -146,3 +146,12 @@ def test_local_folder_and_single_file_models(server, user_key, tiny_models_dir):
         for m in server.post("/api/v4/dreambooth/model_list", {"key": user_key}).json()
     }
     assert {"my-folder-model", "my-file-model", "my-ckpt-model"} <= listed
+
+
+def test_a_lora_named_twice_is_one_adapter_with_the_strengths_added(server, user_key, tiny_pipe):
+    loras = server.data_dir / "loras"
+    loras.mkdir(exist_ok=True)
+    write_lora(tiny_pipe, loras / "style-twice.safetensors", 3)
+    twice = pixels(server, user_key, lora_model="style-twice,style-twice", lora_strength="0.5,0.5")
+    once = pixels(server, user_key, lora_model="style-twice", lora_strength="1")
+    assert same(twice, once)

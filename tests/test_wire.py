@@ -112,3 +112,46 @@ def test_video_to_video_is_a_named_endpoint_on_v6_v7_and_enterprise(server, user
     assert missing["messege"] == {"init_video": ["The init video field is required."]}
     v7 = server.post("/api/v7/video-fusion/text-to-video", {**body, "key": user_key}).json()
     assert v7["status"] == "success" and v7["output_url"] == v7["output"][0]
+
+
+# Every path of reference §2 and §16 for the families this server has (new families bring theirs).
+PATHS = """
+/api/v3/text2img /api/v3/img2img /api/v3/inpaint /api/v3/fetch/1 /api/v3/system_load
+/api/v6/realtime/text2img /api/v6/realtime/img2img /api/v6/realtime/inpaint /api/v6/realtime/fetch/1
+/api/v3/lora_fine_tune /api/v3/fine_tune_v2 /api/v3/fine_tune /api/v3/fine_tune_status/abcdefghij
+/api/v3/finetune_list /api/v3/finetune/delete/abcdefghij /api/v3/cancle_training/abcdefghij
+/api/v3/base64_crop /api/v5/text2video /api/v6/video/text2video /api/v6/video/img2video
+/api/v6/video/video2video /api/v6/video/fetch/1 /api/v6/base64_to_url /api/v4/dreambooth/text2video
+/api/v4/dreambooth /api/v4/dreambooth/img2img /api/v4/dreambooth/inpaint /api/v4/dreambooth/fetch
+/api/v3/dreambooth/fetch/1 /api/v6/images/text2img /api/v6/images/img2img /api/v6/images/inpaint
+/api/v6/images/fetch /api/v6/images/fetch/1 /api/v4/dreambooth/model_reload /api/v6/images/model_reload
+/api/v3/dreambooth /api/v3/dreambooth/img2img /api/v3/dreambooth/inpaint /api/v3/delete_image
+/api/v4/dreambooth/model_list /api/v3/model_list /api/v4/model_list /api/v5/clear_cache
+/api/v3/dreambooth/buy_model /api/v3/buy_subscription /api/v3/cancel_subscription
+/api/v3/nsfw_image_check /api/check_nsfw_cp /api/v3/load_model /api/sandbox/v3/fine_tune
+/api/sandbox/v3/fine_tune_status/abcdefghij /api/v5/super_resolution /api/v3/super_resolution
+/api/v6/image_editing/super_resolution /api/v1/image_editing/super_resolution
+/api/v7/images/text-to-image /api/v7/images/image-to-image /api/v7/images/inpaint
+/api/v7/images/fetch/1 /api/v7/video-fusion/text-to-video /api/v7/video-fusion/image-to-video
+/api/v7/video-fusion/video-to-video /api/v7/video-fusion/fetch/1 /api/v3/dreambooth/model_list
+/api/v3/clear_cache /api/v6/video/system_details /api/v6/video/clear_cache
+/api/v1/enterprise/video/video2video /api/v1/enterprise/txt2img/fetch
+/api/v1/enterprise/txt2img/upload_image /api/v1/enterprise/txt2img/nsfw_image_check
+/api/v1/enterprise/txt2img/super_resolution
+""".split()
+ENTERPRISE_VERBS = """system_details restart_server update_server update update_s3 clear_cache clear_queue
+schedulers_list load_model load_model_v2 verify_model get_all_models delete_model sync_models
+load_vae model_file text2img img2img inpaint text2video super_resolution upload_image
+nsfw_image_check fetch""".split()
+
+
+def test_every_known_path_answers(server, user_key):
+    products = ["", "txt2img/", "realtime/", "video/", "image_editing/"]
+    paths = PATHS + [f"/api/v1/enterprise/{p}{verb}" for p in products for verb in ENTERPRISE_VERBS]
+    missing = []
+    for path in paths:
+        # an ordinary key: admin verbs answer "Invalid Api Key", never run
+        response = httpx.post(server.url + path, json={"key": user_key}, timeout=60)
+        if response.status_code == 404 or response.json().get("message") == "Not found":
+            missing.append(path)
+    assert missing == []

@@ -354,6 +354,7 @@ async def sync_models(found: AdminDep):
 
 
 @_enterprise("system_details")
+@router.post("/api/v6/video/system_details", include_in_schema=False)
 async def system_details(found: AdminDep):
     state, _body, _principal = found.state, found.body, found.principal
     return await run_in_threadpool(_system_details, state)
@@ -420,6 +421,8 @@ async def clear_cache(found: AdminDep):
 
 @router.get("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
 @router.post("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
+@router.post("/api/v3/clear_cache", include_in_schema=False)
+@router.post("/api/v6/video/clear_cache", include_in_schema=False)
 async def clear_cache_v5(found: CallerDep):
     """Any key: models are loaded again on their next use, nothing else changes."""
     state, _body, _principal = found.state, found.body, found.principal

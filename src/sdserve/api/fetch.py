@@ -26,6 +26,7 @@ REQUEST_ID_PATHS = [
     "/api/v4/dreambooth/fetch",
     "/api/v6/images/fetch",
     "/api/v1/enterprise/fetch",
+    "/api/v1/enterprise/{product}/fetch",
 ]
 
 

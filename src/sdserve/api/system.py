@@ -40,6 +40,7 @@ _LIST_STATUS = {
     "/api/v4/dreambooth/model_list", tags=["community"], summary="List the models (bare array)"
 )
 @router.post("/api/v3/model_list", tags=["community"], include_in_schema=False)
+@router.post("/api/v3/dreambooth/model_list", tags=["community"], include_in_schema=False)
 @router.post("/api/v4/model_list", tags=["community"], include_in_schema=False)
 async def model_list(found: CallerDep):
     """A bare JSON array, as the hosted API answers (clients forward it verbatim).

@@ -69,6 +69,7 @@ async def base64_to_url(found: CallerDep):
 @router.post(
     "/api/v1/enterprise/upload_image", tags=["enterprise"], summary="Upload a base64 image"
 )
+@router.post("/api/v1/enterprise/{product}/upload_image", include_in_schema=False)
 async def upload_image(found: CallerDep):
     state, body, principal = found.state, found.body, found.principal
     if not principal.is_admin:
@@ -117,6 +118,7 @@ async def delete_image(found: CallerDep):
 @router.post(
     "/api/v1/enterprise/nsfw_image_check", tags=["enterprise"], summary="Check an image for nudity"
 )
+@router.post("/api/v1/enterprise/{product}/nsfw_image_check", include_in_schema=False)
 async def nsfw_image_check(request: Request, found: CallerDep):
     """NudeNet's verdict on one image; the exact hosted shape (no `status` field)."""
     state, body, principal = found.state, found.body, found.principal
