@@ -155,3 +155,31 @@ def test_every_known_path_answers(server, user_key):
         if response.status_code == 404 or response.json().get("message") == "Not found":
             missing.append(path)
     assert missing == []
+
+
+def test_one_rule_for_every_bounded_field(tmp_path):
+    """Past this server's maximum a value is reduced to it (meta shows it); below the minimum or
+    past any sense it is an error that states both bounds. Images and video alike."""
+    from conftest import ServerProcess
+
+    api = ServerProcess(tmp_path, SDSERVE_IN_PROCESS_WORKER="0").start()  # meta is all we need
+    try:
+        image = {"key": ADMIN_KEY, "model_id": "tiny-sd", "prompt": "a cat", "instant_response": 1}
+        meta = api.post(
+            "/api/v4/dreambooth",
+            {**image, "width": 4096, "height": 70, "num_inference_steps": 500, "samples": 9},
+        ).json()["meta"]
+        assert (meta["W"], meta["H"], meta["steps"], meta["n_samples"]) == (1024, 64, 50, 4)
+        clip = {**image, "width": 4096, "num_frames": 65, "fps": 100}
+        meta = api.post("/api/v6/video/text2video", clip).json()["meta"]
+        assert (meta["W"], meta["num_frames"], meta["fps"]) == (1024, 64, 30)
+        for path, field, value, text in (
+            ("/api/v4/dreambooth", "width", 100_000, "between 64 and 8192; above 1024"),
+            ("/api/v6/video/text2video", "width", 100_000, "between 64 and 8192; above 1024"),
+            ("/api/v4/dreambooth", "num_inference_steps", 0, "between 1 and 1000; above 50"),
+            ("/api/v6/video/text2video", "num_frames", 0, "between 1 and 10000; above 64"),
+        ):
+            refused = api.post(path, {**image, field: value}).json()
+            assert refused["status"] == "error" and text in refused["messege"][field][0]
+    finally:
+        api.stop()

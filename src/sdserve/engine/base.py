@@ -123,6 +123,19 @@ class Runtime:
         return self.cache.get(model_id, load)
 
 
+def one_by_one(
+    jobs: list[EngineJob], run: Callable[[EngineJob], EngineOutput]
+) -> list[EngineOutput | Exception]:
+    """For engines whose jobs never share a run: each job's output, or the error it raised."""
+    outcomes: list[EngineOutput | Exception] = []
+    for job in jobs:
+        try:
+            outcomes.append(run(job))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
 def pick_device(setting: str) -> torch.device:
     if setting != "auto":
         return torch.device(setting)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdserve.engine.assets import Catalogue, CatalogueEntry, new_entry
-from sdserve.engine.base import EngineJob, EngineOutput, Runtime
+from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
 from sdserve.engine.checkpoints import detect_file_architecture, load_single_file
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import EngineError, ModelUnavailable
@@ -458,13 +458,7 @@ class ModelJobsEngine:
         self.importer = ModelImporter(runtime.settings, runtime.registry)
 
     def run_batch(self, jobs: list[EngineJob]) -> list[EngineOutput | Exception]:
-        outcomes: list[EngineOutput | Exception] = []
-        for job in jobs:
-            try:
-                outcomes.append(self._run(job))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+        return one_by_one(jobs, self._run)
 
     def _run(self, job: EngineJob) -> EngineOutput:
         if job.kind == "model_reload":

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel
 from safetensors.torch import save_file
 
-from sdserve.engine.base import EngineJob, EngineOutput, Runtime
+from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
 from sdserve.engine.prompts import encode_prompts
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import EngineError, SdserveError
@@ -429,13 +429,7 @@ class TrainingEngine:
         self.trainer = Trainer(runtime.settings, runtime.registry, runtime.device)
 
     def run_batch(self, jobs: list[EngineJob]) -> list[EngineOutput | Exception]:
-        outcomes: list[EngineOutput | Exception] = []
-        for job in jobs:
-            try:
-                outcomes.append(self._train(job))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+        return one_by_one(jobs, self._train)
 
     def _train(self, job: EngineJob) -> EngineOutput:
         params = TrainingParams.model_validate(job.params)

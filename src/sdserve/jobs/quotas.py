@@ -17,6 +17,17 @@ from sdserve.jobs.db import (
 
 
 class Quotas:
+    @staticmethod
+    def check_queue(s: Session, owner: str, queue_limit: int) -> None:
+        """RateLimited when the owner already has `queue_limit` jobs queued or running."""
+        waiting = s.scalar(
+            select(func.count(Job.id)).where(
+                Job.owner == owner, Job.status.in_(("queued", "processing"))
+            )
+        )
+        if waiting >= queue_limit:
+            raise RateLimited(queue_limit)
+
     def check_limits(
         self, owner: str, queue_limit: int | None, key_id: int | None, quota: int | None
     ) -> None:
@@ -24,13 +35,7 @@ class Quotas:
         does any work on its inputs. `submit` checks again, in its own transaction."""
         with self.session() as s:
             if queue_limit is not None:
-                waiting = s.scalar(
-                    select(func.count(Job.id)).where(
-                        Job.owner == owner, Job.status.in_(("queued", "processing"))
-                    )
-                )
-                if waiting >= queue_limit:
-                    raise RateLimited(queue_limit)
+                self.check_queue(s, owner, queue_limit)
             if key_id is not None and quota is not None:
                 period = time.strftime("%Y-%m", time.gmtime())
                 used = s.scalar(

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sdserve.errors import JobNotFound, RateLimited, StoreUnavailable
+from sdserve.errors import JobNotFound, StoreUnavailable
 from sdserve.extras import require
 from sdserve.jobs.db import (
     Job,
@@ -241,16 +241,9 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                 self._finish(job, "failed", None, message, now)
             return [job.id for job in jobs]
 
-    @staticmethod
-    def _insert_job(s: Session, *, owner: str, queue_limit: int | None, **fields) -> Job:
+    def _insert_job(self, s: Session, *, owner: str, queue_limit: int | None, **fields) -> Job:
         if queue_limit is not None:
-            waiting = s.scalar(
-                select(func.count(Job.id)).where(
-                    Job.owner == owner, Job.status.in_(("queued", "processing"))
-                )
-            )
-            if waiting >= queue_limit:
-                raise RateLimited(queue_limit)
+            self.check_queue(s, owner, queue_limit)
         job = Job(owner=owner, status="queued", created_at=time.time(), **fields)
         s.add(job)
         s.flush()

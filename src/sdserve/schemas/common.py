@@ -94,16 +94,43 @@ def loras(
     return [(lora_id, min(strength, 2.0)) for lora_id, strength in merged.items()]
 
 
+# Hard limits: past these a value is nonsense, not something to reduce (docs/compatibility.md).
+HARD_MAX_SIZE = 8192
+HARD_MAX_STEPS = 1000
+HARD_MAX_SAMPLES = 100
+HARD_MAX_FRAMES = 10_000
+
+
+def bounded(
+    name: str, value: int, minimum: int, maximum: int, hard_maximum: int, errors: dict
+) -> int:
+    """The one rule of every bounded field (sizes, steps, samples, frames): below `minimum` or
+    past `hard_maximum` is an error; above this server's `maximum` is reduced to it, and the
+    job's meta shows the value used."""
+    if value < minimum or value > hard_maximum:
+        label = name.replace("_", " ")
+        errors.setdefault(name, []).append(
+            f"The {label} must be between {minimum} and {hard_maximum}; "
+            f"above {maximum} it is reduced to {maximum}."
+        )
+        return minimum
+    return min(value, maximum)
+
+
 def steps(
     value: int | None, alias: int | None, default: int, settings: Settings, errors: dict
 ) -> int:
     chosen = value if value is not None else alias
     chosen = default if chosen is None else chosen
-    if chosen < 1 or chosen > 1000:
-        errors["num_inference_steps"] = [
-            f"The num inference steps must be between 1 and {settings.max_steps}."
-        ]
-    return max(1, min(chosen, settings.max_steps))
+    return bounded(
+        "num_inference_steps", chosen, 1, settings.max_steps, HARD_MAX_STEPS, errors
+    )
+
+
+def size(name: str, value: int | None, default: int, maximum: int, errors: dict) -> int:
+    """A width or height: the one rule, then a multiple of 8 (latents are 1/8 of the image)."""
+    chosen = min(default, maximum) if value is None else value
+    return bounded(name, chosen, 64, maximum, HARD_MAX_SIZE, errors) // 8 * 8
 
 
 def check_webhook(value: str | None, settings: Settings, errors: dict) -> None:

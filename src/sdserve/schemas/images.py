@@ -23,8 +23,6 @@ from sdserve.schemas.common import (
 from sdserve.settings import Settings
 
 SAFETY_TYPES = ("sensitive_content_text", "blur", "pixelate", "black")
-_HARD_MAX_SIZE = 8192  # above this a size is nonsense, not something to clamp
-_MIN_SIZE = 64
 
 # v3: /api/v3/{text2img,...}; community: /api/v3|v4/dreambooth*; images: /api/v6/images/*;
 # realtime: /api/v6/realtime/*
@@ -72,15 +70,6 @@ def parse_image_request(body: dict) -> ImageRequest:
     return parse_request(ImageRequest, body)
 
 
-def _size(name: str, value: int | None, maximum: int, errors: dict) -> int:
-    if value is None:
-        return min(512, maximum)
-    if value < _MIN_SIZE or value > _HARD_MAX_SIZE:
-        errors.setdefault(name, []).append(f"The {name} must be between {_MIN_SIZE} and {maximum}.")
-        return _MIN_SIZE
-    return max(_MIN_SIZE, min(value, maximum)) // 8 * 8  # latents are 1/8 of the image
-
-
 def normalize_image_request(
     req: ImageRequest, kind: ImageKind, dialect: str, settings: Settings, *, model_id: str
 ) -> ImageParams:
@@ -96,13 +85,12 @@ def normalize_image_request(
     if kind == "inpaint" and not req.mask_image:
         errors["mask_image"] = ["The mask image field is required."]
 
-    width = _size("width", req.width, settings.max_width, errors)
-    height = _size("height", req.height, settings.max_height, errors)
-
+    width = common.size("width", req.width, 512, settings.max_width, errors)
+    height = common.size("height", req.height, 512, settings.max_height, errors)
     samples = 1 if req.samples is None else req.samples
-    if samples < 1:
-        errors["samples"] = ["The samples must be at least 1."]
-    samples = max(1, min(samples, settings.max_samples))
+    samples = common.bounded(
+        "samples", samples, 1, settings.max_samples, common.HARD_MAX_SAMPLES, errors
+    )
 
     steps = common.steps(req.num_inference_steps, req.steps, defaults["steps"], settings, errors)
 

@@ -83,9 +83,7 @@ def normalize_video_request(
         errors["init_image"] = ["The init image field is required."]
 
     fps = d["fps"] if req.fps is None else req.fps
-    if fps < 1:
-        errors["fps"] = ["The fps must be at least 1."]
-    fps = max(1, min(fps, settings.max_video_fps))
+    fps = common.bounded("fps", fps, 1, settings.max_video_fps, 1000, errors)
 
     if req.num_frames is not None:
         num_frames = req.num_frames
@@ -93,18 +91,14 @@ def normalize_video_request(
         num_frames = req.seconds * fps
     else:
         num_frames = d.get("frames") or d["seconds"] * fps
-    if num_frames < 1 or num_frames > settings.max_video_frames:
-        errors["num_frames"] = [
-            f"The num frames must be between 1 and {settings.max_video_frames} "
-            "(num_frames, or seconds x fps)."
-        ]
-
-    sizes = {}
-    for name, value in (("width", req.width), ("height", req.height)):
-        value = d["size"] if value is None else value
-        if value < 64 or value > 8192:
-            errors[name] = [f"The {name} must be between 64 and {settings.max_video_size}."]
-        sizes[name] = max(64, min(value, settings.max_video_size)) // 8 * 8
+    # num_frames, or seconds x fps
+    num_frames = common.bounded(
+        "num_frames", num_frames, 1, settings.max_video_frames, common.HARD_MAX_FRAMES, errors
+    )
+    sizes = {
+        name: common.size(name, value, d["size"], settings.max_video_size, errors)
+        for name, value in (("width", req.width), ("height", req.height))
+    }
 
     steps = common.steps(req.num_inference_steps, req.steps, d["steps"], settings, errors)
 
