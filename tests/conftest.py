@@ -162,7 +162,7 @@ def _no_leftover_processes():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    kill_started()  # session- and module-wide servers too, however the run ends
+    kill_started(kept_too=True)  # session- and module-wide servers too, however the run ends
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from sdserve.engine.prompts import ENHANCE_NEGATIVE, ENHANCE_SUFFIX
 from sdserve.jobs.db import ApiKey
 from sdserve.jobs.keys import KeyRing, hash_key
 from sdserve.jobs.store import JobStore
+from sdserve.testing import outlives_the_test
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -80,6 +81,7 @@ def test_first_start_makes_an_admin_key_that_survives_restarts(fresh):
 
     fresh.stop()
     fresh.start()  # same data dir, still no SDSERVE_ADMIN_KEY
+    outlives_the_test(fresh.proc)  # the module's server: later tests use it
     assert _admin_ok(fresh, admin)
     assert fresh.log.read_text().count("Created the admin key") == 1  # printed once, ever
     assert admin_file.read_text().strip() == admin

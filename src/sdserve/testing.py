@@ -22,6 +22,7 @@ import httpx
 # machine gets proportionally longer deadlines.
 _BASELINE_IMPORT_SECONDS = 3.0
 _STARTED: list[subprocess.Popen] = []  # every process started here, for `kill_started`
+_KEPT: set[int] = set()  # pids that outlive the test that started them (see outlives_the_test)
 
 
 class StartFailed(RuntimeError):
@@ -98,14 +99,24 @@ def started_count() -> int:
     return len(_STARTED)
 
 
-def kill_started(since: int = 0) -> list[int]:
-    """Kill every process started (by `start_process`) since the `since`-th; their pids."""
-    killed = []
+def outlives_the_test(proc: subprocess.Popen) -> None:
+    """Keep `proc` past the current test (a module fixture's server restarted inside a test):
+    the per-test cleanup leaves it, the end of the session still stops it."""
+    _KEPT.add(proc.pid)
+
+
+def kill_started(since: int = 0, *, kept_too: bool = False) -> list[int]:
+    """Kill every process started (by `start_process`) since the `since`-th, except the kept
+    ones unless `kept_too`; their pids."""
+    killed, kept = [], []
     for proc in _STARTED[since:]:
+        if proc.pid in _KEPT and not kept_too:
+            kept.append(proc)
+            continue
         if proc.poll() is None:
             killed.append(proc.pid)
         stop_process(proc, grace=5)
-    del _STARTED[since:]
+    _STARTED[since:] = kept
     return killed
 
 

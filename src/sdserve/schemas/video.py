@@ -241,6 +241,7 @@ def _routes() -> list[Route]:
         ("/api/v1/enterprise/video/text2video", ENTERPRISE, "text2video", True),
         ("/api/v1/enterprise/video/img2video", ENTERPRISE, "img2video", True),
         ("/api/v1/enterprise/video/video2video", ENTERPRISE, "video2video", True),
+        ("/api/v1/enterprise/{product}/text2video", ENTERPRISE, "text2video", True),
     ):
         build = video_job(
             dialect,
@@ -256,6 +257,7 @@ def _routes() -> list[Route]:
                 summary=f"{what} ({dialect.name})",
                 admin_only=admin_only,
                 tags=("video",),
+                hidden="{" in path,
             )
         )
     return routes
