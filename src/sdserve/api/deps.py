@@ -53,18 +53,21 @@ async def read_body(request: Request, settings: Settings) -> dict[str, Any]:
     become data URLs, so they go through the same decoding and size guards as any image."""
     raw = await _read_capped(request, settings)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # Each source is checked once for what a job cannot hold (NaN, lone surrogates, NUL, depth).
     if not raw.strip():
         body: dict[str, Any] = {}
     elif kind == "multipart/form-data":
-        body = await _multipart(request, raw, settings)
+        body = await _multipart(request, raw)
+        check_values(body)
     elif kind == "application/x-www-form-urlencoded" or (not kind and raw.lstrip()[:1] != b"{"):
         body = _fields(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
-    else:
-        body = parse_json_object(raw)  # also refuses NaN, lone surrogates, NUL, deep nesting
-    if request.query_params:
-        body = {**dict(request.query_params), **body}
-    if kind != "application/json" or request.query_params:
         check_values(body)
+    else:
+        body = parse_json_object(raw)
+    if request.query_params:
+        query = dict(request.query_params)
+        check_values(query)
+        body = {**query, **body}
     return body
 
 
@@ -95,7 +98,7 @@ def _fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-async def _multipart(request: Request, raw: bytes, settings: Settings) -> dict[str, Any]:
+async def _multipart(request: Request, raw: bytes) -> dict[str, Any]:
     async def stream():
         yield raw
 

@@ -8,6 +8,7 @@ import asyncio
 import re
 import time
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -46,13 +47,11 @@ async def queue_spec(
     """Insert the job and wake the workers. `limited`: it takes a place in the key's queue
     limit; `counted`: it counts against the key's monthly quota (a model reload, which only
     warms a worker, does neither; a model import only the first)."""
+    queue_limit = principal.queue_limit if limited else None
+    key_id = principal.key_id if counted else None
     if spec.inputs:  # the key's limits first: no input is fetched or stored for a refused job
         await run_in_threadpool(
-            state.store.check_limits,
-            principal.owner,
-            principal.queue_limit if limited else None,
-            principal.key_id if counted else None,
-            principal.monthly_quota,
+            state.store.check_limits, principal.owner, queue_limit, key_id, principal.monthly_quota
         )
     input_keys = await _store_inputs(state, principal, spec)
     params = {
@@ -60,12 +59,8 @@ async def queue_spec(
         "meta": _shared_once(spec.meta, spec.params),
         "output_keys": [state.storage.new_key(name) for name in spec.output_names],
         "input_keys": input_keys,
-        "answer": {
-            "fetch_path": dialect.fetch_path,
-            "processing_message": dialect.processing_message,
-            "single_output": dialect.single_output,
-            "output_url": dialect.output_url,
-        },
+        # how the dialect answers (envelope reads it): fixed now, whatever is registered later
+        "answer": {k: v for k, v in asdict(dialect).items() if k != "name"},
     }
     try:
         job = await run_in_threadpool(
@@ -80,8 +75,8 @@ async def queue_spec(
             cost=spec.cost,
             track_id=None if spec.track_id is None else str(spec.track_id),
             webhook=spec.webhook,
-            queue_limit=principal.queue_limit if limited else None,
-            key_id=principal.key_id if counted else None,
+            queue_limit=queue_limit,
+            key_id=key_id,
             monthly_quota=principal.monthly_quota,
             training=spec.training,
             model_allowance=principal.model_allowance if spec.counts_as_model else None,

@@ -75,10 +75,6 @@ class EngineOutput:
     stages: dict[str, float] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
-    @property
-    def seconds(self) -> float:
-        """Time spent on the job itself (a shared loop counts for each of its jobs)."""
-        return sum(v for k, v in self.stages.items() if k != "batch_size")
 
 
 class Engine(Protocol):

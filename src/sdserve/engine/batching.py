@@ -39,11 +39,6 @@ def cost(count: int, steps: int, width: int, height: int) -> float:
     return count * steps * (width * height) / _REFERENCE_PIXELS
 
 
-class ClaimedJob(Protocol):
-    batch_key: str
-    cost: float
-
-
 class Claim(Protocol):
     def __call__(
         self, *, max_size: int, max_cost: float, batch_key: str | None = None

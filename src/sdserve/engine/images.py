@@ -97,8 +97,6 @@ class ImageParams(BaseModel):
 class ImageResult:
     images: list[Image.Image]
     nsfw: list[bool]
-    scheduler: str
-    pipeline_seconds: float  # the diffusers pipeline call alone
     stages: dict[str, float] = field(default_factory=dict)  # model_load, denoise, decode, ...
 
 
@@ -199,7 +197,7 @@ class ImageEngine:
         with self._lock:
             # 1. what the jobs share (they asked for the same): a failure here fails them all
             try:
-                pipe, choice, model_load = self._shared_pipeline(items[0].params)
+                pipe, model_load = self._shared_pipeline(items[0].params)
             except SdserveError as exc:
                 return [exc] * len(items)
             except Exception as exc:
@@ -231,9 +229,6 @@ class ImageEngine:
                     for image, flagged in zip(result.images, result.nsfw, strict=True)
                 ]
                 result.stages["nsfw"] = time.perf_counter() - checked
-        for result in results:
-            if isinstance(result, ImageResult):
-                result.scheduler = choice.class_name
         return results
 
     def _shared_pipeline(self, first: ImageParams):
@@ -267,7 +262,7 @@ class ImageEngine:
         pipe.scheduler = make_scheduler(base.scheduler.config, choice)
         if self.device.type == "cuda":
             acceleration.tile_vae_for(pipe, first.width, first.height, self.settings)
-        return pipe, choice, model_load
+        return pipe, model_load
 
     def _denoise(self, pipe, items, group, results, before: dict[str, float]) -> None:
         """Run `group` (indices into items, with their prompt embeddings) as one pipeline call."""
@@ -284,9 +279,7 @@ class ImageEngine:
                     continue
                 images = pipe.numpy_to_pil(arrays)
                 timings = {**before, **stages, "batch_size": len(group)}
-                results[index] = ImageResult(
-                    images, [False] * len(images), "", stages["denoise"] + stages["decode"], timings
-                )
+                results[index] = ImageResult(images, [False] * len(images), timings)
 
         split_on_oom(group, run, results)
 

@@ -13,7 +13,7 @@ import time
 from PIL import Image
 
 from sdserve.engine.base import EngineJob, EngineOutput, OutputFile
-from sdserve.engine.training import _SANDBOX_STAGES
+from sdserve.engine.training import SANDBOX_STAGES
 from sdserve.errors import EngineError
 from sdserve.media.images import encode_png
 from sdserve.settings import Settings
@@ -60,7 +60,7 @@ class NoopEngine:
             clip = encode_video([frame] * p["num_frames"], p["fps"], p["output_type"])
             return EngineOutput([OutputFile(clip)])
         if job.kind in _TRAINING_KINDS:
-            for name, line in _SANDBOX_STAGES:
+            for name, line in SANDBOX_STAGES:
                 job.events.stage(name, f"noop engine: {line}")
             return EngineOutput([], meta={"training_id": p.get("training_id")})
         if job.kind in _MODEL_KINDS:

@@ -407,7 +407,7 @@ def _lora_state(unet, text_encoder) -> dict[str, torch.Tensor]:
     return state  # LoHa / LoKr: PEFT names; engine.images loads them through PEFT
 
 
-_SANDBOX_STAGES = (
+SANDBOX_STAGES = (
     ("training_started", "sandbox: no GPU is used, stages are simulated"),
     ("training_success", "sandbox: simulated training done"),
     ("trained_model_compressing", "sandbox"),
@@ -436,7 +436,7 @@ class TrainingEngine:
         events = job.events
         try:
             if job.kind == "train_sandbox":
-                for name, line in _SANDBOX_STAGES:
+                for name, line in SANDBOX_STAGES:
                     if events.cancelled():
                         raise TrainingCancelled()
                     events.stage(name, line)

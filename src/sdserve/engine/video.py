@@ -109,7 +109,6 @@ def runs_together(p: VideoParams, motion_context_frames: int) -> bool:
 @dataclass
 class VideoResult:
     frames: list[Image.Image]
-    pipeline_seconds: float
     stages: dict[str, float] = field(default_factory=dict)  # model_load, denoise, decode, ...
 
 
@@ -180,7 +179,7 @@ class VideoEngine:
         ended = time.perf_counter()
         denoised = marks[-1] if marks else ended
         stages = {"denoise": denoised - started, "decode": ended - denoised, "batch_size": 1}
-        return VideoResult(frames, ended - started, stages)
+        return VideoResult(frames, stages)
 
     # ---- clips in one loop ---------------------------------------------------------------
 
@@ -215,7 +214,7 @@ class VideoEngine:
                     "decode": decode,
                     "batch_size": len(group),
                 }
-                results[index] = VideoResult(frames, denoise + decode, stages)
+                results[index] = VideoResult(frames, stages)
 
         prompts = [
             ([i.params.prompt], [i.params.negative_prompt], i.params.clip_skip) for i in items

@@ -81,9 +81,7 @@ def pick_seed(value: int | None) -> int:
     return seed % _MAX_SEED
 
 
-def loras(
-    ids: list[str] | None, strengths: list[float] | None, errors: dict
-) -> list[tuple[str, float]]:
+def loras(ids: list[str] | None, strengths: list[float] | None) -> list[tuple[str, float]]:
     """(id, strength) pairs: a missing strength repeats the last one (1.0 when none), each is
     clamped to 0..2, and an id named twice is one adapter with the strengths added."""
     ids, strengths = ids or [], strengths or []
@@ -275,4 +273,9 @@ class Route:
     summary: str
     admin_only: bool = False
     tags: tuple[str, ...] = ()
-    hidden: bool = False  # left out of the OpenAPI schema (per-product aliases)
+
+    @property
+    def hidden(self) -> bool:
+        """Per-product aliases (`/api/v1/enterprise/{product}/...`) stay out of the OpenAPI
+        schema: their operation ids would repeat the plain path's."""
+        return "{" in self.path

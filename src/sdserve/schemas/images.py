@@ -108,7 +108,7 @@ def normalize_image_request(
             f"The safety checker type must be one of: {', '.join(SAFETY_TYPES)}."
         ]
 
-    loras = common.loras(req.lora_model or req.lora, req.lora_strength, errors)
+    loras = common.loras(req.lora_model or req.lora, req.lora_strength)
 
     clip_skip = req.clip_skip
     if clip_skip is not None:
@@ -269,7 +269,6 @@ def _routes() -> list[Route]:
                     summary=f"{kind} (enterprise)",
                     admin_only=True,
                     tags=("enterprise",),
-                    hidden="{" in path,
                 )
             )
     return routes

@@ -115,7 +115,6 @@ def _routes() -> list[Route]:
             summary=f"super resolution ({dialect.name})",
             admin_only=admin_only,
             tags=("image_editing",),
-            hidden="{" in path,
         )
         for path, dialect, admin_only in paths
     ]

@@ -106,7 +106,7 @@ def normalize_video_request(
     if output_type not in VIDEO_FORMATS:
         errors["output_type"] = [f"The output type must be one of: {', '.join(VIDEO_FORMATS)}."]
     common.check_webhook(req.webhook, settings, errors)
-    loras = common.loras(req.lora_model, req.lora_strength, errors)
+    loras = common.loras(req.lora_model, req.lora_strength)
     if errors:
         raise ValidationFailed(errors)
 
@@ -257,7 +257,6 @@ def _routes() -> list[Route]:
                 summary=f"{what} ({dialect.name})",
                 admin_only=admin_only,
                 tags=("video",),
-                hidden="{" in path,
             )
         )
     return routes
