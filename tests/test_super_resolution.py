@@ -78,7 +78,8 @@ def test_every_path_answers_in_its_dialect(server, wheel, path, single):
 def test_the_default_model_answers_every_scale(server, user_key, wheel, scale):
     small = drawing(16, seed=5).resize((21, 13))
     answer = server.post(
-        "/api/v5/super_resolution", {"key": user_key, "url": data_url(small), "scale": scale}
+        "/api/v5/super_resolution",
+        {"key": user_key, "url": data_url(small), "scale": scale, "tile": 0},  # 0: whole image
     ).json()
     assert answer["status"] == "success", answer
     assert fetched(answer["output"]).size == (21 * scale, 13 * scale)
@@ -93,6 +94,7 @@ def test_the_default_model_answers_every_scale(server, user_key, wheel, scale):
         ({"scale": 5}, "scale", "The scale must be between 1 and 4."),
         ({"url": None}, "init_image", "The init image field is required"),
         ({"url": "bm90IGFuIGltYWdl"}, "init_image", "init_image is not a valid image"),
+        ({"tile": 8}, "tile", "The tile must be 0 (no tiling) or at least 32 pixels."),
     ],
 )
 def test_bad_input_is_a_clear_error(server, user_key, change, field, text):
