@@ -11,9 +11,10 @@ from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ModelJobsEngine
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.super_resolution import UpscaleEngine
+from sdserve.engine.three_d import ThreeDEngine
 from sdserve.engine.training import TrainingEngine
 from sdserve.engine.video import VideoEngine
-from sdserve.schemas import images, super_resolution, video
+from sdserve.schemas import images, super_resolution, three_d, video
 from sdserve.schemas.common import Dialect, Route
 from sdserve.settings import Settings
 
@@ -29,6 +30,7 @@ FAMILIES = (
     Family("images", images.ROUTES, ImageEngine),
     Family("video", video.ROUTES, VideoEngine),
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
+    Family("3d", three_d.ROUTES, ThreeDEngine),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)

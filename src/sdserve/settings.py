@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_video_size: int = 1024
     video_decode_chunk: int = 8  # frames per VAE decode call: bounds memory on long clips
 
+    # 3D (Shap-E): the models of txt_to_3d / img_to_3d without a model_id (e.g. openai/shap-e)
+    default_3d_model: str = "tiny-shap-e"
+    default_img_3d_model: str = "tiny-shap-e-img2img"
+
     # Training
     default_train_model: str = "tiny-sd"  # base of lora_fine_tune with base_model_type normal
     default_train_model_xl: str = "tiny-sdxl"  # ... with base_model_type sdxl
