@@ -66,6 +66,7 @@ def test_txt_to_3d_era_a_answers_a_turntable_gif(server, user_key):
     # The shape the era-A Go client decodes strictly: integers stay integers.
     for name in ("frame_size", "guidance_scale", "seconds", "seed", "steps"):
         assert type(meta[name]) is int, name
+    assert type(answer["generationTime"]) is int and type(answer["id"]) is int
     assert meta["output_type"] == "gif" and meta["prompt"] == "a red chair"
     assert meta["model_id"] == "tiny-shap-e" and meta["engine"] == "shap-e"
     for key in ("file_prefix", "negative_prompt", "outdir", "safetychecker"):
@@ -272,3 +273,16 @@ def test_the_shipped_tables_are_what_the_generator_makes():
     pytest.importorskip("skimage")
     shipped = json.loads(shap_e._TABLES.read_text())["cases"]
     assert shap_e.compute_marching_cubes_tables() == shipped
+
+
+def test_a_cut_out_is_framed_by_foreground_ratio_and_put_on_white():
+    from sdserve.engine.three_d import center_foreground, on_white
+
+    cut_out = Image.new("RGBA", (100, 60), (0, 0, 0, 0))
+    cut_out.paste((200, 0, 0, 255), (10, 10, 50, 30))  # a 40x20 object off-centre
+    framed = center_foreground(cut_out, 0.8)
+    assert framed.size == (50, 50)  # the object's larger side is 0.8 of the square
+    assert framed.getchannel("A").getbbox() == (5, 15, 45, 35)  # centred
+    flat = on_white(framed)
+    assert flat.mode == "RGB"
+    assert flat.getpixel((0, 0)) == (255, 255, 255) and flat.getpixel((25, 25)) == (200, 0, 0)

@@ -112,6 +112,8 @@ def success_body(job: JobView, url_of: UrlOf) -> dict[str, Any]:
     answer = _answer(job)
     if answer.get("output_url"):
         body["output_url"] = output[0] if output else None
+    if answer.get("whole_seconds"):
+        body["generationTime"] = round(job.generation_time or 0.0)
     if answer.get("single_output"):  # legacy endpoints answer one URL string
         body["output"] = output[0] if output else ""
     return body

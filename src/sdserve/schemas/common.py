@@ -260,6 +260,7 @@ class Dialect:
     processing_message: str = "Try to fetch request after seconds estimated"
     single_output: bool = False
     output_url: bool = False  # v7 clients read the first output as `output_url` too
+    whole_seconds: bool = False  # `generationTime` an integer (era-A 3D clients decode an int)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from sdserve.schemas.common import (
     parse_request,
 )
 
-ERA_A = Dialect("3d_v3", "/api/v3/fetch/{id}")
+ERA_A = Dialect("3d_v3", "/api/v3/fetch/{id}", whole_seconds=True)
 V6 = Dialect("3d_v6", "/api/v6/3d/fetch/{id}")
 ENTERPRISE = Dialect("3d_enterprise", "/api/v1/enterprise/3d/fetch/{id}")
 
@@ -113,18 +113,15 @@ def three_d_job(dialect: Dialect, task: shap_e.Task):
         outputs = [fmt] + (["mp4"] if render else [])
 
         # 3. sizes and steps
-        frame_size = (
-            common.bounded(
-                "frame_size",
-                256 if req.frame_size is None else req.frame_size,
-                16,
-                MAX_FRAME_SIZE,
-                HARD_MAX_FRAME_SIZE,
-                errors,
-            )
-            // 8
-            * 8
-        )  # the MP4's yuv420p wants even sides
+        frame_size = common.bounded(
+            "frame_size",
+            256 if req.frame_size is None else req.frame_size,
+            16,
+            MAX_FRAME_SIZE,
+            HARD_MAX_FRAME_SIZE,
+            errors,
+        )
+        frame_size -= frame_size % 8  # the MP4's yuv420p wants even sides
         grid = common.bounded(
             "resolution",
             128 if req.resolution is None else req.resolution,
@@ -133,10 +130,12 @@ def three_d_job(dialect: Dialect, task: shap_e.Task):
             1024,
             errors,
         )
-        seconds = common.bounded("seconds", req.seconds or 4, 1, MAX_SECONDS, 3600, errors)
+        seconds = common.bounded(
+            "seconds", 4 if req.seconds is None else req.seconds, 1, MAX_SECONDS, 3600, errors
+        )
         samples = common.bounded(
             "batch_size",
-            req.batch_size or 1,
+            1 if req.batch_size is None else req.batch_size,
             1,
             settings.max_samples,
             common.HARD_MAX_SAMPLES,
