@@ -82,7 +82,7 @@ def test_txt_to_3d_era_a_answers_a_turntable_gif(server, user_key):
         ("/api/v6/3d/text_to_3d", "output_format", "glb", "user"),
         ("/api/v6/3d/image_to_3d", "output_format", "obj", "user"),
         ("/api/v1/enterprise/3d/text_to_3d", "output_format", "stl", "admin"),
-        ("/api/v1/enterprise/3d/image_to_3d", "output_format", "glb", "admin"),
+        ("/api/v1/enterprise/gpu-3/image_to_3d", "output_format", "glb", "admin"),
     ],
 )
 def test_every_path_answers_a_closed_mesh_in_each_format(server, user_key, path, field, fmt, key):
@@ -100,9 +100,9 @@ def test_every_path_answers_a_closed_mesh_in_each_format(server, user_key, path,
         assert mesh.visual.kind == "vertex"  # Shap-E's vertex colours came along
     meta = answer["meta"]
     assert meta["resolution"] == 16 and meta["faces"] > 0 and meta["vertices"] > 0
-    fetch = "/api/v3/fetch" if path.startswith("/api/v3") else "/api/v6/3d/fetch"
-    if "enterprise" in path:
-        fetch = "/api/v1/enterprise/3d/fetch"
+    fetch = path.rsplit("/", 1)[0] + "/fetch"  # each path's own family fetch
+    if path.startswith("/api/v3"):
+        fetch = "/api/v3/fetch"
     again = server.post(f"{fetch}/{answer['id']}", {"key": key}).json()
     assert again["status"] == "success" and again["output"] == answer["output"]
 
