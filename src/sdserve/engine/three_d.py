@@ -126,7 +126,8 @@ class ThreeDEngine:
         ).images
         if not torch.isfinite(latents).all():
             raise EngineError("Generation failed: the model produced NaN values")
-        job.events.step(p.steps, p.steps)
+        total = p.steps + p.samples  # progress: the prior's steps, then one per sample
+        job.events.step(p.steps, total)
         denoised = time.perf_counter()
 
         # 3. per sample: the turntable views and the mesh, each decoded from the latent
@@ -135,7 +136,7 @@ class ThreeDEngine:
         files: list[OutputFile] = []
         render = mesh_time = encode = 0.0
         mesh_meta: dict = {}
-        for latent in latents:
+        for index, latent in enumerate(latents):
             frames: list[Image.Image] = []
             if p.needs_frames:
                 mark = time.perf_counter()
@@ -160,6 +161,7 @@ class ThreeDEngine:
             mark = time.perf_counter()
             files.extend(OutputFile(_encode(fmt, p, frames, mesh)) for fmt in p.outputs)
             encode += time.perf_counter() - mark
+            job.events.step(p.steps + index + 1, total)
 
         stages = {
             "model_load": loaded - started,

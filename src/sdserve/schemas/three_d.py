@@ -238,7 +238,7 @@ def three_d_job(dialect: Dialect, task: shap_e.Task):
             params={**p.model_dump(mode="json"), **wire.stored()},
             batch_key=batching.solo_key("3d", wire.file_prefix),
             cost=p.cost,
-            total_steps=steps,
+            total_steps=steps + samples,  # the prior's steps, then one per sample's files
             output_names=names,
             meta=meta,
             inputs={"image": Input(source)} if task == "image" else {},
