@@ -190,6 +190,21 @@ def test_raw_sse_ends_with_done(server, user_key):
     assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
 
 
+def test_embedded_stream_sends_tokens_while_the_answer_is_written(server, user_key):
+    llm = client(server, user_key)
+    arrivals = []
+    started = time.monotonic()
+    stream = llm.chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, max_tokens=600, stream=True, temperature=0
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic() - started)
+    assert len(arrivals) > 100
+    # the first tokens came long before the last: the stream follows the worker
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
+
+
 def test_openai_errors_are_openai_shaped(server, user_key):
     with pytest.raises(openai.AuthenticationError) as wrong:
         client(server, "wrong-key").chat.completions.create(model="tiny-chat", messages=MESSAGES)
@@ -313,7 +328,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def proxy_server(tmp_path_factory, upstream):
-    """A server whose chat is the upstream, and whose image jobs take 2 s each (no-op engine)."""
+    """A server whose chat is the upstream, and whose image jobs take 3 s each (no-op engine)."""
     srv = ServerProcess(
         tmp_path_factory.mktemp("chat-proxy"),
         SDSERVE_CHAT_UPSTREAM_URL=f"http://127.0.0.1:{upstream.port}/v1",
@@ -321,7 +336,7 @@ def proxy_server(tmp_path_factory, upstream):
         SDSERVE_CHAT_MODEL_MAP="uncensored=fake-llama-8b,small=fake-llama-1b",
         SDSERVE_CHAT_UPSTREAM_TIMEOUT="2",
         SDSERVE_ENGINE="noop",
-        SDSERVE_NOOP_SECONDS="2",
+        SDSERVE_NOOP_SECONDS="3",
     ).start()
     yield srv
     srv.stop()
@@ -391,6 +406,6 @@ def test_a_chat_is_answered_while_image_jobs_fill_the_queue(proxy_server, proxy_
     ).json()
     assert answer["status"] == "success", answer
     assert answer["message"] == "echo: What is the capital of France?"
-    assert time.monotonic() - started < 2  # the image jobs take 6 s between them
+    assert time.monotonic() - started < 4  # the image jobs take 9 s between them
     still = proxy_server.post(f"/api/v3/fetch/{queued[-1]['id']}", {"key": proxy_key}).json()
     assert still["status"] == "processing"

@@ -5,6 +5,7 @@ embedded model. The OpenAI routes keep no conversation: the client sends the his
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from sdserve.schemas.common import Context, Dialect
 
 CHAT = Dialect("chat", "/api/v1/chat_llm/fetch/{id}", "The answer is being written")
 _QUEUED_RESPONSE = "/api/v1/chat_llm/get_queued_response"
+_STREAM_POLL_SECONDS = 0.25  # a worker in another process cannot wake a stream: re-read the job
 _OPENAI_PREFIXES = ("/api/uncensored-chat/v1", "/uncensored-chat/v1")
 
 router = APIRouter(tags=["chat"])
@@ -212,28 +214,30 @@ class ProxyBackend:
 
 class QueuedBackend:
     """Chat jobs the worker runs on the embedded model, under the key's queue limit and quota.
-    The stream is the answer's pieces, token by token, sent once the job has finished."""
+    A stream follows the job's partial text (the worker writes it as the tokens come)."""
 
     def __init__(self, state: ServerState):
         self.state = state
 
-    async def _run(self, request: OpenAIRequest) -> ChatAnswer:
+    async def _queue(self, request: OpenAIRequest) -> JobView:
         state = self.state
         context = Context(state.settings, state.registry, request.principal.owner)
         spec = schema.openai_spec(request.call, context)
-        job = await queue_spec(state, request.principal, spec, CHAT)
-        job = await wait_until_done(state, job, state.settings.chat_wait_seconds)
+        return await queue_spec(state, request.principal, spec, CHAT)
+
+    def _reply(self, job: JobView) -> ChatAnswer:
         reply = _answer_of(job)
         if job.status == "failed":
             raise EngineError(job.error or "The chat failed")
         if reply is None:
-            raise UpstreamFailed(
-                f"The answer took longer than {state.settings.chat_wait_seconds:g} seconds", 504
-            )
+            seconds = self.state.settings.chat_wait_seconds
+            raise UpstreamFailed(f"The answer took longer than {seconds:g} seconds", 504)
         return reply
 
     async def complete(self, request: OpenAIRequest) -> dict[str, Any]:
-        reply = await self._run(request)
+        job = await self._queue(request)
+        job = await wait_until_done(self.state, job, self.state.settings.chat_wait_seconds)
+        reply = self._reply(job)
         choice: dict[str, Any] = {
             "index": 0,
             "finish_reason": reply.finish_reason,
@@ -254,10 +258,31 @@ class QueuedBackend:
         }
 
     async def stream(self, request: OpenAIRequest) -> AsyncIterator[dict[str, Any]]:
-        reply = await self._run(request)
+        state = self.state
+        job = await self._queue(request)
         if request.chat:
             yield _chunk(request, {"role": "assistant", "content": ""}, None)
-        for piece in reply.pieces:
+        sent = 0
+        deadline = time.monotonic() + state.settings.chat_wait_seconds
+        woken = state.bus.subscribe(job.id)  # the in-process worker wakes us; others are polled
+        try:
+            while True:
+                job = await run_in_threadpool(state.store.get, job.id)
+                if job.status in ("success", "failed") or time.monotonic() > deadline:
+                    break
+                partial = (job.result or {}).get("partial") or {}
+                for piece in partial.get("pieces", [])[sent:]:
+                    sent += 1
+                    yield _chunk(request, {"content": piece} if request.chat else piece, None)
+                try:
+                    await asyncio.wait_for(woken.wait(), timeout=_STREAM_POLL_SECONDS)
+                except TimeoutError:
+                    pass
+                woken.clear()
+        finally:
+            state.bus.unsubscribe(job.id, woken)
+        reply = self._reply(job)
+        for piece in reply.pieces[sent:]:
             yield _chunk(request, {"content": piece} if request.chat else piece, None)
         yield _chunk(request, {} if request.chat else "", reply.finish_reason)
         if request.call.include_usage:

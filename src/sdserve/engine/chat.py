@@ -195,7 +195,7 @@ class EmbeddedChat:
         tokens: list[int] = []
         text, pieces, finish = "", [], "length"
         inputs = torch.tensor([prompt], device=self.device)
-        cache = None
+        cache, stopped = None, False
         for _ in range(budget):
             # 2. one forward step on the new token, with the cache of the earlier ones
             out = self.model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
@@ -215,15 +215,32 @@ class EmbeddedChat:
                 continue
             cut = _stop_at(decoded, p.stop)
             if cut is not None:
-                decoded, finish = decoded[:cut], "stop"
-            if len(decoded) > len(text):
-                pieces.append(decoded[len(text) :])
-                text = decoded
-                if on_piece is not None:
-                    on_piece(pieces[-1], len(tokens))
-            if finish == "stop":
+                decoded, finish, stopped = decoded[:cut], "stop", True
+            else:  # text that may begin a stop string is not handed out yet
+                decoded = decoded[: len(decoded) - _held(decoded, p.stop)]
+            text = _grow(text, decoded, pieces, len(tokens), on_piece)
+            if stopped:
                 break
+        if not stopped:  # 5. the end: what was held back (or cut mid-character) goes out too
+            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = _grow(text, decoded, pieces, len(tokens), on_piece)
         return ChatAnswer(text, len(prompt), len(tokens), finish, pieces)
+
+
+def _grow(
+    text: str,
+    decoded: str,
+    pieces: list[str],
+    tokens: int,
+    on_piece: Callable[[str, int], None] | None,
+) -> str:
+    """The text handed out so far, grown to `decoded` (a new piece) when it is longer."""
+    if len(decoded) <= len(text):
+        return text
+    pieces.append(decoded[len(text) :])
+    if on_piece is not None:
+        on_piece(pieces[-1], tokens)
+    return decoded
 
 
 def _pick(
@@ -261,6 +278,11 @@ def _pick(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _held(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 def _stop_at(text: str, stops: list[str]) -> int | None:
     found = [text.find(s) for s in stops if s and s in text]
     return min(found) if found else None
@@ -293,8 +315,12 @@ class ChatEngine:
             model = self.model(p.model_id)
             loaded = time.perf_counter()
 
-            def progress(_piece: str, done: int) -> None:
+            pieces: list[str] = []
+
+            def progress(piece: str, done: int) -> None:
                 job.events.step(done, p.max_new_tokens)  # stops a job past its time limit
+                pieces.append(piece)
+                job.events.partial({"pieces": pieces})  # what a streaming request sends on
 
             answer = model.generate(p, progress)
             started = loaded
