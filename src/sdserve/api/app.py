@@ -73,7 +73,14 @@ def build_worker(
     runtime = runtime or Runtime.create(state.settings, state.registry)
     engines = build_engines(state.settings, runtime, lane)
     return Worker(
-        state.settings, state.store, state.storage, runtime, engines, bus, on_restart=on_restart
+        state.settings,
+        state.store,
+        state.storage,
+        runtime,
+        engines,
+        bus,
+        on_restart=on_restart,
+        advertised=lane is None,
     )
 
 

@@ -46,6 +46,7 @@ class Worker:
         engines: list[Engine],
         bus: CompletionBus | None = None,
         on_restart: Callable[[], None] | None = None,
+        advertised: bool = True,
     ):
         self.settings = settings
         self.store = store
@@ -59,6 +60,8 @@ class Worker:
         # A standalone worker restarts itself on `restart_server`; the API's own worker is
         # restarted with the API, so it passes None.
         self.on_restart = on_restart
+        # A lane's worker (chat) is not listed: the queue's eta shares work over the listed ones.
+        self.advertised = advertised
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._last_maintenance = 0.0
         self._last_advertised = 0.0
@@ -129,6 +132,8 @@ class Worker:
 
     def _advertise(self, force: bool = False) -> None:
         now = time.time()
+        if not self.advertised:
+            return
         if not force and now - self._last_advertised < _ADVERTISE_INTERVAL:
             return
         self._last_advertised = now
