@@ -43,7 +43,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, tokens: int, seed: int
 
 async def measure(url: str, tokens: int, concurrency: int) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
-        await one_stream(client, url, 4, 0)  # the model loads once, outside the figures
+        await one_stream(client, url, tokens, 0)  # the model loads once, outside the figures
         started = time.perf_counter()
         runs = await asyncio.gather(
             *(one_stream(client, url, tokens, seed) for seed in range(1, concurrency + 1))
