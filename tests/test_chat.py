@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import openai
 import pytest
-from conftest import ServerProcess, create_key
+from conftest import ADMIN_KEY, ServerProcess, create_key
 
 from sdserve.testing import free_port
 
@@ -391,6 +391,17 @@ def test_proxy_upstream_errors_and_silence_are_clear_and_quick(proxy_server, pro
         "/api/v5/uncensored_chat", {"key": proxy_key, "messages": hanging}
     ).json()
     assert refused["status"] == "failed" and "did not answer within 2" in refused["message"]
+
+
+def test_proxied_chats_count_against_the_keys_month(proxy_server):
+    plan = {"key": ADMIN_KEY, "plan_name": "chat_two", "requests_per_month": 2}
+    assert proxy_server.post("/api/v1/enterprise/plans", plan).json()["status"] == "success"
+    llm = client(proxy_server, create_key(proxy_server.data_dir, "--plan", "chat_two"))
+    for _ in range(2):
+        llm.chat.completions.create(model="small", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as refused:
+        llm.chat.completions.create(model="small", messages=MESSAGES, stream=True)
+    assert refused.value.body["code"] == "insufficient_quota"
 
 
 def test_a_chat_is_answered_while_image_jobs_fill_the_queue(proxy_server, proxy_key):
