@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import CallerDep, authenticate, read_body
-from sdserve.api.envelope import answer, message_body
+from sdserve.api.envelope import answer, job_meta, message_body
 from sdserve.api.state import ServerState, get_state
 from sdserve.api.submit import queue_spec, wait_until_done
 from sdserve.engine.chat import ChatAnswer
@@ -125,8 +125,6 @@ def _conversation(job: JobView) -> list[dict[str, str]]:
 
 
 def _meta(job: JobView) -> dict[str, Any]:
-    from sdserve.api.envelope import job_meta
-
     return {k: v for k, v in job_meta(job).items() if k != "chat"}
 
 
@@ -170,18 +168,21 @@ def _usage(reply: ChatAnswer) -> dict[str, int]:
 class ChatBackend(Protocol):
     """Answers an OpenAI request: whole (a completion object) or as a stream of chunk objects."""
 
-    async def complete(self, request: OpenAIRequest) -> dict[str, Any]: ...
+    async def complete(self, request: ChatRequest) -> dict[str, Any]: ...
 
-    def stream(self, request: OpenAIRequest) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]: ...
 
 
-class OpenAIRequest:
+class ChatRequest:
     """One OpenAI request as the backends see it: its body, its typed params, and who sent it."""
 
     def __init__(self, path: str, body: dict, call: schema.OpenAICall, principal: Principal):
         self.path = path  # "/chat/completions" or "/completions"
         self.chat = path == "/chat/completions"
-        self.body = {k: v for k, v in body.items() if k != "key"}
+        # the client's body for the upstream: no sdserve key, max_tokens within this server's cap
+        dropped = ("key", "max_completion_tokens", "max_new_tokens")
+        self.body = {k: v for k, v in body.items() if k not in dropped}
+        self.body["max_tokens"] = call.params.max_new_tokens
         self.call = call
         self.principal = principal
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -197,16 +198,16 @@ class ProxyBackend:
         self.state = state
         self.upstream = UpstreamChat(state.settings)
 
-    async def _count(self, request: OpenAIRequest) -> None:
+    async def _count(self, request: ChatRequest) -> None:
         p = request.principal
         if p.key_id is not None:
             await run_in_threadpool(self.state.store.count_request, p.key_id, p.monthly_quota)
 
-    async def complete(self, request: OpenAIRequest) -> dict[str, Any]:
+    async def complete(self, request: ChatRequest) -> dict[str, Any]:
         await self._count(request)
         return await self.upstream.post(request.path, {**request.body, "stream": False})
 
-    async def stream(self, request: OpenAIRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         await self._count(request)
         async for event in self.upstream.stream(request.path, request.body):
             yield event
@@ -219,7 +220,7 @@ class QueuedBackend:
     def __init__(self, state: ServerState):
         self.state = state
 
-    async def _queue(self, request: OpenAIRequest) -> JobView:
+    async def _queue(self, request: ChatRequest) -> JobView:
         state = self.state
         context = Context(state.settings, state.registry, request.principal.owner)
         spec = schema.openai_spec(request.call, context)
@@ -234,7 +235,7 @@ class QueuedBackend:
             raise UpstreamFailed(f"The answer took longer than {seconds:g} seconds", 504)
         return reply
 
-    async def complete(self, request: OpenAIRequest) -> dict[str, Any]:
+    async def complete(self, request: ChatRequest) -> dict[str, Any]:
         job = await self._queue(request)
         job = await wait_until_done(self.state, job, self.state.settings.chat_wait_seconds)
         reply = self._reply(job)
@@ -257,7 +258,7 @@ class QueuedBackend:
             "system_fingerprint": None,
         }
 
-    async def stream(self, request: OpenAIRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         state = self.state
         job = await self._queue(request)
         if request.chat:
@@ -289,7 +290,7 @@ class QueuedBackend:
             yield {**_chunk(request, {}, None), "choices": [], "usage": _usage(reply)}
 
 
-def _chunk(request: OpenAIRequest, delta: Any, finish: str | None) -> dict[str, Any]:
+def _chunk(request: ChatRequest, delta: Any, finish: str | None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if request.chat:
         choice["delta"] = delta
@@ -316,7 +317,7 @@ async def _openai(request: Request, path: str, *, modelslab: bool = False):
         body = await read_body(request, state.settings)
         principal = authenticate(request, body, state.keys)
         call = schema.openai_call(body, state.settings, chat=path == "/chat/completions")
-        chat = OpenAIRequest(path, body, call, principal)
+        chat = ChatRequest(path, body, call, principal)
         answering = backend(state)
         if not call.stream:
             result = await answering.complete(chat)
