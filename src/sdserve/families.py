@@ -6,7 +6,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from fastapi import APIRouter
+
+from sdserve.api import chat as chat_api
 from sdserve.engine.base import Engine, Runtime
+from sdserve.engine.chat import ChatEngine
 from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ModelJobsEngine
 from sdserve.engine.noop import NoopEngine
@@ -21,9 +25,15 @@ from sdserve.settings import Settings
 
 @dataclass(frozen=True)
 class Family:
+    """`router`: routes of the family's own beyond its job routes (answers that are not the job
+    envelope: chat's synchronous and streaming routes). `lane`: the family's jobs get a worker
+    of their own in the API process, so they never wait behind other families' jobs."""
+
     name: str
     routes: list[Route]
     engine: type[Engine]
+    router: APIRouter | None = None
+    lane: str | None = None
 
 
 FAMILIES = (
@@ -31,6 +41,7 @@ FAMILIES = (
     Family("video", video.ROUTES, VideoEngine),
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
     Family("3d", three_d.ROUTES, ThreeDEngine),
+    Family("chat", [], ChatEngine, router=chat_api.router, lane="chat"),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)
@@ -51,8 +62,15 @@ def registered(settings: Settings) -> tuple[Family, ...]:
     return families
 
 
-def build_engines(settings: Settings, runtime: Runtime) -> list[Engine]:
-    """The engines a worker runs: one per family (sharing `runtime`), or the no-op engine."""
+def lanes(settings: Settings) -> list[str]:
+    return sorted({family.lane for family in registered(settings) if family.lane})
+
+
+def build_engines(settings: Settings, runtime: Runtime, lane: str | None = None) -> list[Engine]:
+    """The engines a worker runs: one per family (sharing `runtime`), or the no-op engine; a
+    lane's worker runs only its families' engines (real ones, even with the no-op engine)."""
+    if lane is not None:
+        return [f.engine(runtime) for f in registered(settings) if f.lane == lane]
     if settings.engine == "noop":
         return [NoopEngine(settings)]
     classes = [family.engine for family in registered(settings)] + list(OTHER_ENGINES)

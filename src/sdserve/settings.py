@@ -131,6 +131,17 @@ class Settings(BaseSettings):
 
     nsfw_threshold: float = Field(0.5, ge=0, le=1)
 
+    # Chat (docs/chat.md): the model name clients see, and what answers it: the embedded model
+    # (the built-in tiny-chat, or a transformers folder) or an OpenAI-compatible upstream.
+    chat_model: str = "tiny-chat"
+    chat_model_path: str | None = None  # a local causal LM folder served as `chat_model`
+    chat_upstream_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama)
+    chat_upstream_key: str | None = None
+    chat_model_map: str = ""  # "public=upstream,...": names clients send -> the upstream's names
+    chat_upstream_timeout: float = 120.0  # seconds of upstream silence before a clear error
+    chat_max_tokens: int = 4096  # larger max_tokens are reduced to this
+    chat_wait_seconds: float = 300.0  # OpenAI routes wait this long for a queued answer
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'sdserve.db').resolve()}"

@@ -22,7 +22,7 @@ from sdserve.api.state import ServerState
 from sdserve.engine.base import Runtime
 from sdserve.engine.registry import ModelRegistry
 from sdserve.errors import InvalidRequest, SdserveError
-from sdserve.families import build_engines, registered
+from sdserve.families import build_engines, lanes, registered
 from sdserve.jobs.catalogue import ModelCatalogue
 from sdserve.jobs.control import ControlChannel
 from sdserve.jobs.keys import KeyRing
@@ -61,12 +61,26 @@ def webhook_dispatcher(state: ServerState) -> WebhookDispatcher:
     return WebhookDispatcher(state.settings, state.store, state.storage, final_answer)
 
 
-def build_worker(state: ServerState, bus: CompletionBus | None = None, on_restart=None) -> Worker:
-    """A worker with every registered family's engine on one device and memory budget."""
-    runtime = Runtime.create(state.settings, state.registry)
-    engines = build_engines(state.settings, runtime)
+def build_worker(
+    state: ServerState,
+    bus: CompletionBus | None = None,
+    on_restart=None,
+    lane: str | None = None,
+    runtime: Runtime | None = None,
+) -> Worker:
+    """A worker with every registered family's engine on one device and memory budget (or only
+    a lane's, sharing `runtime` with the main worker)."""
+    runtime = runtime or Runtime.create(state.settings, state.registry)
+    engines = build_engines(state.settings, runtime, lane)
     return Worker(
-        state.settings, state.store, state.storage, runtime, engines, bus, on_restart=on_restart
+        state.settings,
+        state.store,
+        state.storage,
+        runtime,
+        engines,
+        bus,
+        on_restart=on_restart,
+        advertised=lane is None,
     )
 
 
@@ -84,6 +98,13 @@ def _start_background(
     worker = None
     if state.settings.in_process_worker:
         worker = build_worker(state, state.bus)
+        for lane in lanes(state.settings):  # a lane's jobs never wait behind the others'
+            lane_worker = build_worker(state, state.bus, lane=lane, runtime=worker.runtime)
+            threads.append(
+                threading.Thread(
+                    target=lane_worker.run, args=(stop,), name=f"worker-{lane}", daemon=True
+                )
+            )
         threads.append(
             threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
         )
@@ -143,7 +164,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     # Routes go straight onto the app, in this order (fetch first: most requests are fetches).
     # Included routers are matched through an extra layer per request in FastAPI 0.16x.
-    routers = [fetch.router, family_router(registered(settings)), training.router, system.router]
+    families = registered(settings)
+    routers = [fetch.router, family_router(families), training.router, system.router]
+    routers += [family.router for family in families if family.router is not None]
     routers += [admin.router, utilities.router, plans.router, operations.router]
     for router in routers:
         app.router.routes.extend(router.routes)

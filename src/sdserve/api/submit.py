@@ -130,6 +130,12 @@ async def respond_when_done(
     state: ServerState, job: JobView, wait_seconds: float
 ) -> dict[str, Any]:
     """`success` if the job ends within `wait_seconds`, else `processing` with eta and fetch_result."""
+    job = await wait_until_done(state, job, wait_seconds)
+    return await run_in_threadpool(job_response, state, job)
+
+
+async def wait_until_done(state: ServerState, job: JobView, wait_seconds: float) -> JobView:
+    """The job once it has ended, or as it stands after `wait_seconds` (or at a restart)."""
     deadline = time.monotonic() + wait_seconds
     event = state.bus.subscribe(job.id)
     try:
@@ -145,7 +151,7 @@ async def respond_when_done(
             job = await run_in_threadpool(state.store.get, job.id)
     finally:
         state.bus.unsubscribe(job.id, event)
-    return await run_in_threadpool(job_response, state, job)
+    return job
 
 
 def job_response(state: ServerState, job: JobView) -> dict[str, Any]:

@@ -32,6 +32,10 @@ class JobEvents(Protocol):
 
     def cancelled(self) -> bool: ...
 
+    def partial(self, data: dict) -> None:
+        """What the job has made so far, cumulative (a chat's text pieces), for streamed
+        answers; writes may be dropped between two calls, never the last result."""
+
     def broadcast(self, command: str, argument: str = "") -> None:
         """Ask every worker to do `command` (e.g. `clear_cache` after a model was replaced)."""
 

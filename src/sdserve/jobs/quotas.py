@@ -46,6 +46,11 @@ class Quotas:
                 if (used or 0) >= quota:
                     raise QuotaExceeded(quota)
 
+    def count_request(self, key_id: int, quota: int | None) -> None:
+        """Count a request that makes no job (a proxied chat) against the key's month."""
+        with self.session(write=True) as s:
+            self._count_request(s, key_id, quota)
+
     def _count_request(self, s: Session, key_id: int, quota: int | None) -> None:
         """Count one accepted request against the key's month; refuse it past the quota."""
         period = time.strftime("%Y-%m", time.gmtime())

@@ -387,6 +387,18 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                 .values(step=step, lease_expires=time.time() + lease_seconds)
             )
 
+    def report_partial(
+        self, worker_id: str, job_id: int, partial: dict, lease_seconds: float
+    ) -> None:
+        """What a running job has made so far (a chat's text), kept as its result until the
+        real one replaces it: a streaming answer follows it."""
+        with self.session(write=True) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "processing")
+                .values(result={"partial": partial}, lease_expires=time.time() + lease_seconds)
+            )
+
     def complete(self, job_id: int, worker_id: str, result: dict, generation_time: float) -> bool:
         """Record success, in one statement; False if this worker lost the lease and the job
         ended elsewhere. The measured speed (for ETAs) is written at most once a second per
@@ -438,7 +450,7 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                 .where(
                     Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "processing"
                 )
-                .values(status="queued", lease_owner=None, lease_expires=None, step=0)
+                .values(status="queued", lease_owner=None, lease_expires=None, step=0, result=None)
             )
 
     @staticmethod

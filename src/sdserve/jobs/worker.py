@@ -23,6 +23,7 @@ from sdserve.storage.router import StorageRouter
 
 log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.2  # seconds between progress writes for one job
+_PARTIAL_INTERVAL = 0.1  # seconds between writes of a job's partial output (streamed answers)
 _MAINTENANCE_INTERVAL = 30.0
 _ADVERTISE_INTERVAL = 5.0
 _BROADCAST_INTERVAL = 0.5
@@ -45,6 +46,7 @@ class Worker:
         engines: list[Engine],
         bus: CompletionBus | None = None,
         on_restart: Callable[[], None] | None = None,
+        advertised: bool = True,
     ):
         self.settings = settings
         self.store = store
@@ -58,6 +60,8 @@ class Worker:
         # A standalone worker restarts itself on `restart_server`; the API's own worker is
         # restarted with the API, so it passes None.
         self.on_restart = on_restart
+        # A lane's worker (chat) is not listed: the queue's eta shares work over the listed ones.
+        self.advertised = advertised
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._last_maintenance = 0.0
         self._last_advertised = 0.0
@@ -128,6 +132,8 @@ class Worker:
 
     def _advertise(self, force: bool = False) -> None:
         now = time.time()
+        if not self.advertised:
+            return
         if not force and now - self._last_advertised < _ADVERTISE_INTERVAL:
             return
         self._last_advertised = now
@@ -388,6 +394,24 @@ class _Events:
         self._worker = worker
         self._job = job
         self.step = worker._progress(job)
+        self._last_partial = -float("inf")
+
+    def partial(self, data: dict) -> None:
+        """What the job has made so far (cumulative: a later write carries everything), at
+        most every 0.1 s; the requests streaming it are woken."""
+        now = time.monotonic()
+        if now - self._last_partial < _PARTIAL_INTERVAL:
+            return
+        self._last_partial = now
+        worker = self._worker
+        try:
+            worker.store.report_partial(
+                worker.worker_id, self._job.id, data, worker.settings.lease_seconds
+            )
+        except StoreUnavailable:  # best effort, like progress: the result is what counts
+            log.warning("partial output of job %s not recorded: job store unavailable", self._job.id)
+            return
+        worker._publish(self._job.id)
 
     def stage(self, name: str, line: str) -> None:
         self._worker.store.set_job_stage(self._job.id, name, line)
