@@ -7,13 +7,17 @@ import importlib
 from dataclasses import dataclass
 
 from sdserve.engine.base import Engine, Runtime
+from sdserve.engine.depth2img import Depth2ImgEngine
 from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ModelJobsEngine
 from sdserve.engine.noop import NoopEngine
+from sdserve.engine.outpaint import OutpaintEngine
+from sdserve.engine.pix2pix import Pix2PixEngine
+from sdserve.engine.removebg import RemoveBgEngine
 from sdserve.engine.super_resolution import UpscaleEngine
 from sdserve.engine.training import TrainingEngine
 from sdserve.engine.video import VideoEngine
-from sdserve.schemas import images, super_resolution, video
+from sdserve.schemas import depth2img, images, outpaint, pix2pix, removebg, super_resolution, video
 from sdserve.schemas.common import Dialect, Route
 from sdserve.settings import Settings
 
@@ -29,6 +33,10 @@ FAMILIES = (
     Family("images", images.ROUTES, ImageEngine),
     Family("video", video.ROUTES, VideoEngine),
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
+    Family("outpaint", outpaint.ROUTES, OutpaintEngine),  # + object_removal, inpaint aliases
+    Family("pix2pix", pix2pix.ROUTES, Pix2PixEngine),
+    Family("depth2img", depth2img.ROUTES, Depth2ImgEngine),
+    Family("removebg", removebg.ROUTES, RemoveBgEngine),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)
