@@ -51,14 +51,15 @@ def _walk(values: list[str] | None, errors: dict) -> list[str]:
 
 
 def _translation(
-    name: str, given: int | None, factor: float | None, side: int, errors: dict
+    name: str, given: int | None, factor: float | None, side: int, walk: list[str], errors: dict
 ) -> int:
     """Pixels per walk step: the value given, else `translation_factor` of the side, else 32;
-    less than half the side, so that a backward step leaves an image to shrink."""
+    less than the side (half of it when the walk goes backward: a shrunk image must remain)."""
     value = given if given is not None else round(factor * side) if factor is not None else 32
-    if not 1 <= value < side / 2:
+    limit = (side - 1) // 2 if "backward" in walk else side - 1
+    if walk and not 1 <= value <= limit:
         label = name.replace("_", " ")
-        errors[name] = [f"The {label} must be between 1 and {(side - 1) // 2} pixels."]
+        errors[name] = [f"The {label} must be between 1 and {limit} pixels."]
     return value
 
 
@@ -76,7 +77,7 @@ def outpaint_job(dialect: Dialect):
         walk = _walk(req.walk_type, errors)
         default_prompt = "" if mode == "walk" else "high quality"
         prompt = common.check_prompt(
-            req.prompt or default_prompt, "prompt", settings, errors, required=True
+            req.prompt or default_prompt, "prompt", settings, errors, required=False
         )
         negative = common.check_prompt(
             req.negative_prompt or ("" if mode == "walk" else "low quality"),
@@ -98,9 +99,9 @@ def outpaint_job(dialect: Dialect):
             errors,
         )  # fmt: skip
         dx = _translation("width_translation_per_step", req.width_translation_per_step,
-                          req.translation_factor, width, errors)  # fmt: skip
+                          req.translation_factor, width, walk, errors)  # fmt: skip
         dy = _translation("height_translation_per_step", req.height_translation_per_step,
-                          req.translation_factor, height, errors)  # fmt: skip
+                          req.translation_factor, height, walk, errors)  # fmt: skip
         interpolation = common.bounded(
             "num_interpolation_steps", 60 if req.num_interpolation_steps is None
             else req.num_interpolation_steps, 1, 120, common.HARD_MAX_FRAMES, errors,
