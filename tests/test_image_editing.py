@@ -126,6 +126,7 @@ VERBS = {
             "init_image": data_url(noise()),
             "mask_image": data_url(mask()),
             "prompt": "a dog",
+            "strength": 1,
             "width": 64,
             "height": 64,
             **FAST,
@@ -315,6 +316,7 @@ BAD = [
     ("pix2pix", {"prompt": ""}, "prompt", "The prompt field is required."),
     ("pix2pix", {"model_id": "tiny-depth2img"}, "model_id", "not an InstructPix2Pix"),
     ("depth2img", {"strength": 1.5}, "strength", "between 0.01 and 1"),
+    ("depth2img", {"strength": 0.3}, "strength", "must be at least 1 (one step)"),
     ("depth2img", {"depth_map": "bm90IGFuIGltYWdl"}, "depth_map", "not a valid image"),
     ("depth2img", {"model_id": "no-such-model"}, "model_id", "Model not found"),
     ("removebg_mask", {"image": None}, "image", "The image field is required."),
@@ -322,6 +324,7 @@ BAD = [
     ("removebg_mask", {"only_mask": "perhaps"}, "only_mask", "yes/no"),
     ("object_removal", {"mask_image": data_url(mask((32, 32)))}, "mask_image", "it must have the init image's size, 64x64"),
     ("inpaint", {"mask_image": None}, "mask_image", "The mask image field is required."),
+    ("inpaint", {"strength": 0.5}, "strength", "must be at least 1 (one step)"),
 ]  # fmt: skip
 
 

@@ -52,6 +52,14 @@ def depth2img_job(dialect: Dialect):
         strength = editing.check_range(
             "strength", 0.8 if req.strength is None else req.strength, 0.01, 1, errors
         )
+        if (
+            "num_inference_steps" not in errors
+            and "strength" not in errors
+            and steps * strength < 1
+        ):
+            errors["strength"] = [
+                "The strength times the number of inference steps must be at least 1 (one step)."
+            ]
         common.check_webhook(req.webhook, settings, errors)
         if errors:
             raise ValidationFailed(errors)

@@ -189,16 +189,26 @@ def outpaint_job(dialect: Dialect):
 _REMOVAL_PROMPT = "empty background, seamless, nothing there"
 
 
-def inpaint_job(*, default_prompt: str | None):
-    """The image family's v6 inpaint under an image-editing path; the mask must have the image's
-    size (it marks pixels: a stretched mask marks others)."""
+def inpaint_job(*, removal: bool):
+    """The image family's v6 inpaint under an image-editing path. The mask must have the image's
+    size (it marks pixels: a stretched mask marks others). Object removal needs no prompt and
+    regenerates the masked area fully (strength 1) unless told otherwise."""
     build_inpaint = images.image_job("inpaint", images.IMAGES)
 
     def for_dialect(_dialect: Dialect):
         def build(body: dict, ctx: Context) -> JobSpec:
-            if default_prompt and not str(body.get("prompt") or "").strip():
-                body = {**body, "prompt": default_prompt}
+            if removal:
+                body = {**body}
+                if not str(body.get("prompt") or "").strip():
+                    body["prompt"] = _REMOVAL_PROMPT
+                if body.get("strength") in (None, ""):
+                    body["strength"] = 1.0
             spec = build_inpaint(body, ctx)
+            if spec.params["steps"] * spec.params["strength"] < 1:
+                raise ValidationFailed(
+                    {"strength": ["The strength times the number of inference steps must be at "
+                                  "least 1 (one step)."]}
+                )  # fmt: skip
             mask = spec.inputs["mask_image"]
             spec.inputs["mask_image"] = Input(mask.value, same_size_as="init_image")
             return spec
@@ -210,8 +220,6 @@ def inpaint_job(*, default_prompt: str | None):
 
 ROUTES = [
     *editing.routes("outpaint", outpaint_job, OutpaintRequest),
-    *editing.routes(
-        "object_removal", inpaint_job(default_prompt=_REMOVAL_PROMPT), images.ImageRequest
-    ),
-    *editing.routes("inpaint", inpaint_job(default_prompt=None), images.ImageRequest),
+    *editing.routes("object_removal", inpaint_job(removal=True), images.ImageRequest),
+    *editing.routes("inpaint", inpaint_job(removal=False), images.ImageRequest),
 ]
