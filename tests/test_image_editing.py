@@ -311,6 +311,8 @@ BAD = [
     ("outpaint", {"walk_type": ["right", "sideways"]}, "walk_type", "got sideways"),
     ("outpaint", {"walk_type": "up", "width_translation_per_step": 500}, "width_translation_per_step", "between 1 and"),
     ("outpaint", {"width": 10}, "width", "between 64 and"),
+    ("outpaint", {"walk_type": ["up"] * 20, "as_video": 1, "num_interpolation_steps": 120, "width": 1024, "height": 1024}, "num_interpolation_steps", "too many to hold"),
+    ("outpaint", {"walk_type": "up", "translation_factor": 1e308}, "translation_factor", "between 0 and 0.5"),
     ("pix2pix", {"init_image": None}, "init_image", "The init image field is required."),
     ("pix2pix", {"image_guidance_scale": 50}, "image_guidance_scale", "between 0 and 20"),
     ("pix2pix", {"prompt": ""}, "prompt", "The prompt field is required."),

@@ -20,6 +20,7 @@ from sdserve.schemas.common import (
 )
 
 MAX_WALK = 20  # walk steps per request: each is a full inpaint run
+MAX_VIDEO_PIXELS = 256 * 2**20  # frames x width x height of a walk video (held before encoding)
 _ALIASES = {"back": "backward"}
 
 
@@ -98,10 +99,13 @@ def outpaint_job(dialect: Dialect):
             "guidance_scale", 7.5 if req.guidance_scale is None else req.guidance_scale, 0, 20,
             errors,
         )  # fmt: skip
+        if req.translation_factor is not None:
+            editing.check_range("translation_factor", req.translation_factor, 0, 0.5, errors)
+        factor = req.translation_factor if "translation_factor" not in errors else None
         dx = _translation("width_translation_per_step", req.width_translation_per_step,
-                          req.translation_factor, width, walk, errors)  # fmt: skip
+                          factor, width, walk, errors)  # fmt: skip
         dy = _translation("height_translation_per_step", req.height_translation_per_step,
-                          req.translation_factor, height, walk, errors)  # fmt: skip
+                          factor, height, walk, errors)  # fmt: skip
         interpolation = common.bounded(
             "num_interpolation_steps", 60 if req.num_interpolation_steps is None
             else req.num_interpolation_steps, 1, 120, common.HARD_MAX_FRAMES, errors,
@@ -112,6 +116,12 @@ def outpaint_job(dialect: Dialect):
             errors,
         )  # fmt: skip
         as_video = bool(req.as_video) and mode == "walk"
+        frames = 1 + len(walk) * interpolation
+        if as_video and not errors and frames * width * height > MAX_VIDEO_PIXELS:
+            errors["num_interpolation_steps"] = [
+                f"The video would have {frames} frames of {width}x{height}: too many to hold; "
+                "send fewer interpolation steps, a shorter walk or a smaller size."
+            ]
         common.check_webhook(req.webhook, settings, errors)
         if errors:
             raise ValidationFailed(errors)
