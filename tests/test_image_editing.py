@@ -338,3 +338,15 @@ def test_bad_input_is_a_clear_error_and_leaves_no_job(server, user_key, verb, ch
     assert answer["status"] == "error", answer
     assert text in answer["message"], answer
     assert _jobs(server) == before
+
+
+def test_queued_edits_answer_processing_then_their_webhook(
+    server, user_key, wheel, webhook_receiver
+):
+    body = {"key": user_key, "image": data_url(scene(64)), "only_mask": True,
+            "instant_response": True, "webhook": webhook_receiver.url, "track_id": "edit-7"}  # fmt: skip
+    answer = server.post("/api/v1/image_editing/removebg_mask", body).json()
+    assert answer["status"] in ("processing", "success"), answer
+    [hook] = webhook_receiver.wait_for(1, timeout=120)
+    assert hook["status"] == "success" and hook["track_id"] == "edit-7"
+    assert hook["id"] == answer["id"] and picture(hook["output"][0]).mode == "L"
