@@ -60,7 +60,7 @@ def source_image(size: int) -> Image.Image:
 
 def plain_diffusers(model: Path, args, device: str) -> dict:
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, dtype=dtype)
     pipe.to(device).set_progress_bar_config(disable=True)
     image = source_image(args.size)
 

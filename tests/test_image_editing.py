@@ -321,6 +321,7 @@ BAD = [
     ("depth2img", {"strength": 0.3}, "strength", "must be at least 1 (one step)"),
     ("depth2img", {"depth_map": "bm90IGFuIGltYWdl"}, "depth_map", "not a valid image"),
     ("depth2img", {"model_id": "no-such-model"}, "model_id", "Model not found"),
+    ("outpaint", {"model_id": "tiny-svd"}, "model_id", "tiny-svd is not a Stable Diffusion model"),
     ("removebg_mask", {"image": None}, "image", "The image field is required."),
     ("removebg_mask", {"alpha_matting_foreground_threshold": 300}, "alpha_matting_foreground_threshold", "between 0 and 255"),
     ("removebg_mask", {"only_mask": "perhaps"}, "only_mask", "yes/no"),

@@ -94,7 +94,8 @@ def resolve(model_id: str, task: Task, registry: ModelRegistry, owner: str | Non
     else:
         source = registry.resolve(model_id, owner)
         channels = _unet_channels(source)
-        if channels is not None and channels not in _CHANNELS[task]:
+        video = registry.architecture(source) in ("t2v", "svd")
+        if video or (channels is not None and channels not in _CHANNELS[task]):
             raise _wrong_model(model_id, task)
     registry.check_available(source)
     return source

@@ -107,7 +107,8 @@ def _session(path: Path):
     """One rembg u2netp session per model file and process (loading it is the slow part)."""
     with _sessions_lock:
         if path not in _sessions:
-            rembg = require("rembg", "Background removal (removebg_mask)")
+            require("rembg", "Background removal (removebg_mask)")
+            import onnxruntime
             from rembg.sessions.u2netp import U2netpSession
 
             class _Shipped(U2netpSession):
@@ -115,7 +116,7 @@ def _session(path: Path):
                 def download_models(cls, *args, **kwargs):
                     return str(path)  # the md5-checked copy: rembg never downloads
 
-            _sessions[path] = _Shipped("u2netp", rembg.bg.ort.SessionOptions())
+            _sessions[path] = _Shipped("u2netp", onnxruntime.SessionOptions())
         return _sessions[path]
 
 
