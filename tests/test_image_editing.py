@@ -321,6 +321,9 @@ BAD = [
     ("depth2img", {"strength": 0.3}, "strength", "must be at least 1 (one step)"),
     ("depth2img", {"depth_map": "bm90IGFuIGltYWdl"}, "depth_map", "not a valid image"),
     ("depth2img", {"model_id": "no-such-model"}, "model_id", "Model not found"),
+    # real ids resolve to their hub repos; the test server is offline with an empty cache
+    ("pix2pix", {"model_id": "instruct-pix2pix"}, "model_id", "(timbrooks/instruct-pix2pix on the Hugging Face hub) is not downloaded"),
+    ("depth2img", {"model_id": "sd-2-depth"}, "model_id", "(stabilityai/stable-diffusion-2-depth on the Hugging Face hub) is not downloaded"),
     ("outpaint", {"model_id": "tiny-svd"}, "model_id", "tiny-svd is not a Stable Diffusion model"),
     ("removebg_mask", {"image": None}, "image", "The image field is required."),
     ("removebg_mask", {"alpha_matting_foreground_threshold": 300}, "alpha_matting_foreground_threshold", "between 0 and 255"),
@@ -351,3 +354,21 @@ def test_queued_edits_answer_processing_then_their_webhook(
     [hook] = webhook_receiver.wait_for(1, timeout=120)
     assert hook["status"] == "success" and hook["track_id"] == "edit-7"
     assert hook["id"] == answer["id"] and picture(hook["output"][0]).mode == "L"
+
+
+@pytest.mark.parametrize("direction", ["left", "right", "up", "down", "backward"])
+def test_walk_geometry_keeps_the_pixels_it_moves(direction):
+    from sdserve.engine.outpaint import transition, walk_step
+
+    image = noise((64, 48), seed=9)
+    canvas, mask = walk_step(image, direction, 8, 4)
+    kept = np.asarray(mask) == 0
+    assert np.asarray(mask)[~kept].min() == 255 and 0 < kept.mean() < 1
+    moved = {"left": (8, 0), "right": (-8, 0), "up": (0, 4), "down": (0, -4)}.get(direction)
+    if moved:
+        shifted = Image.new("RGB", image.size)
+        shifted.paste(image, moved)
+        assert np.array_equal(np.asarray(canvas)[kept], np.asarray(shifted)[kept])
+    frames = transition(image, canvas, direction, 8, 4, 5)
+    assert len(frames) == 5 and all(f.size == (64, 48) for f in frames)
+    assert np.array_equal(np.asarray(frames[-1]), np.asarray(canvas))
