@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "boto3": ("boto3", "s3"),
     "psycopg": ("psycopg[binary]", "postgres"),
     "prometheus_client": ("prometheus-client", "metrics"),
+    "rembg": ("rembg", "removebg"),
 }
 
 

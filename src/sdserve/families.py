@@ -11,14 +11,27 @@ from fastapi import APIRouter
 from sdserve.api import chat as chat_api
 from sdserve.engine.base import Engine, Runtime
 from sdserve.engine.chat import ChatEngine
+from sdserve.engine.depth2img import Depth2ImgEngine
 from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ModelJobsEngine
 from sdserve.engine.noop import NoopEngine
+from sdserve.engine.outpaint import OutpaintEngine
+from sdserve.engine.pix2pix import Pix2PixEngine
+from sdserve.engine.removebg import RemoveBgEngine
 from sdserve.engine.super_resolution import UpscaleEngine
 from sdserve.engine.three_d import ThreeDEngine
 from sdserve.engine.training import TrainingEngine
 from sdserve.engine.video import VideoEngine
-from sdserve.schemas import images, super_resolution, three_d, video
+from sdserve.schemas import (
+    depth2img,
+    images,
+    outpaint,
+    pix2pix,
+    removebg,
+    super_resolution,
+    three_d,
+    video,
+)
 from sdserve.schemas.common import Dialect, Route
 from sdserve.settings import Settings
 
@@ -42,6 +55,10 @@ FAMILIES = (
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
     Family("3d", three_d.ROUTES, ThreeDEngine),
     Family("chat", [], ChatEngine, router=chat_api.router, lane="chat"),
+    Family("outpaint", outpaint.ROUTES, OutpaintEngine),  # + object_removal, inpaint aliases
+    Family("pix2pix", pix2pix.ROUTES, Pix2PixEngine),
+    Family("depth2img", depth2img.ROUTES, Depth2ImgEngine),
+    Family("removebg", removebg.ROUTES, RemoveBgEngine),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)

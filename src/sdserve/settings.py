@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     engine: Literal["diffusers", "noop"] = "diffusers"
     noop_seconds: float = 0.0
 
+    # Image editing: the models of pix2pix, depth2img and outpaint when a request names none
+    # (built-in tiny ones; e.g. instruct-pix2pix, sd-2-depth, sd-inpainting for real weights)
+    default_pix2pix_model: str = "tiny-pix2pix"
+    default_depth2img_model: str = "tiny-depth2img"
+    default_outpaint_model: str = "tiny-sd-inpaint"
+
     # Video
     default_t2v_model: str = "tiny-t2v"  # /api/v5/text2video (ModelScope / Zeroscope layout)
     default_svd_model: str = "tiny-svd"  # /api/v6/video/img2video without a model_id

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from sdserve.api.chaining import OwnOutputs
 from sdserve.api.envelope import job_body
 from sdserve.api.state import ServerState
+from sdserve.errors import ValidationFailed
 from sdserve.jobs.keys import Principal
 from sdserve.jobs.store import JobView
 from sdserve.media.images import encode_png, load_image_input, read_input_bytes
@@ -94,6 +95,7 @@ async def _store_inputs(state: ServerState, principal: Principal, spec: JobSpec)
     settings = state.settings
     own = OwnOutputs.of(state, principal)  # this server's own output URLs come from storage
     decoded: dict[str, tuple[str, bytes]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for name, given in spec.inputs.items():
         if given.type == "video":
             data = await read_input_bytes(given.value, name, settings, own)
@@ -101,7 +103,16 @@ async def _store_inputs(state: ServerState, principal: Principal, spec: JobSpec)
             decoded[name] = (_file_name(name), data)
         else:
             image = await load_image_input(given.value, name, settings, own)
+            sizes[name] = image.size
             decoded[name] = (f"{_file_name(name)}.png", await run_in_threadpool(encode_png, image))
+    for name, given in spec.inputs.items():
+        other = given.same_size_as
+        if other in sizes and sizes[name] != sizes[other]:
+            (w, h), (ow, oh) = sizes[name], sizes[other]
+            label, other_label = name.replace("_", " "), other.replace("_", " ")
+            raise ValidationFailed(
+                {name: [f"The {label} is {w}x{h}; it must have the {other_label}'s size, {ow}x{oh}."]}
+            )
     folder = state.storage.new_key(f"inputs/{uuid.uuid4().hex}")
     keys = {}
     for name, (file_name, data) in decoded.items():

@@ -238,6 +238,7 @@ class Input:
 
     value: str
     type: Literal["image", "video"] = "image"
+    same_size_as: str | None = None  # another image input this one must match (a mask)
 
 
 @dataclass(frozen=True)
