@@ -173,7 +173,6 @@ def test_base64_outputs_hold_the_file(server, user_key):
 
 
 def test_remove_bg_cuts_the_object_out_first(server, user_key):
-    pytest.importorskip("sdserve.engine.removebg")
     body = {"key": user_key, "image": IMAGE, "remove_bg": True, "foreground_ratio": 0.9, **SMALL}
     answer = server.post("/api/v6/3d/image_to_3d", body).json()
     assert answer["status"] == "success", answer
