@@ -7,13 +7,14 @@ import importlib
 from dataclasses import dataclass
 
 from sdserve.engine.base import Engine, Runtime
+from sdserve.engine.controlnet import ControlNetEngine
 from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ModelJobsEngine
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.super_resolution import UpscaleEngine
 from sdserve.engine.training import TrainingEngine
 from sdserve.engine.video import VideoEngine
-from sdserve.schemas import images, super_resolution, video
+from sdserve.schemas import controlnet, images, interior, super_resolution, video
 from sdserve.schemas.common import Dialect, Route
 from sdserve.settings import Settings
 
@@ -29,6 +30,7 @@ FAMILIES = (
     Family("images", images.ROUTES, ImageEngine),
     Family("video", video.ROUTES, VideoEngine),
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
+    Family("controlnet", controlnet.ROUTES + interior.ROUTES, ControlNetEngine),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)
