@@ -236,8 +236,9 @@ def ensure_tiny_controlnet(base_model_id: str, net_id: str, models_dir: Path) ->
     """A tiny ControlNet for a tiny base, built once from its UNet (`ControlNetModel.from_unet`).
 
     from_unet starts the output convolutions at zero (a fresh ControlNet changes nothing until it
-    is trained); here they get small random weights, different for each id, so that a hint
-    really changes the image, as a trained net's does."""
+    is trained). Here they get small random weights, different for each id, and the net sees only
+    the hint (its latent input convolution is zeroed), so that a hint really changes the image,
+    as a trained net's does."""
     folder = models_dir / "tiny-controlnets" / base_model_id / net_id
     if (folder / "config.json").is_file():
         return folder
@@ -246,11 +247,16 @@ def ensure_tiny_controlnet(base_model_id: str, net_id: str, models_dir: Path) ->
     )
     generator = torch.Generator().manual_seed(zlib.crc32(net_id.encode()))
     net = ControlNetModel.from_unet(unet)
-    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block]
-    zero_convs.append(net.controlnet_cond_embedding.conv_out)
+    hint_out = net.controlnet_cond_embedding.conv_out
     with torch.no_grad():
-        for conv in zero_convs:
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
+        fan_in = hint_out.weight[0].numel()
+        hint_out.weight.copy_(
+            torch.randn(hint_out.weight.shape, generator=generator) * 3 / fan_in**0.5
+        )
+        net.conv_in.weight.zero_()
+        net.conv_in.bias.zero_()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{net_id}-", dir=folder.parent))
     try:

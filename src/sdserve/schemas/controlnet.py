@@ -92,14 +92,19 @@ def controlnet_params(req: ControlNetRequest, ctx: Context, *, model_id: str):
     # guess mode works without a prompt (§8): the net alone guides the image
     promptless = bool(req.guess_mode) and not (req.prompt or "").strip()
     checked = req.model_copy(update={"prompt": "-"}) if promptless else req
+    # a mask found from object_name (interior) is made by the worker
+    checked_kind = "img2img" if kind == "inpaint" and not req.mask_image else kind
     try:
-        p = normalize_image_request(checked, kind, "images", ctx.settings, model_id=model_id)
+        p = normalize_image_request(
+            checked, checked_kind, "images", ctx.settings, model_id=model_id
+        )
     except ValidationFailed as exc:
         raise ValidationFailed({**exc.fields, **errors}) from None
     if errors:
         raise ValidationFailed(errors)
     if promptless:
         p.prompt = ""
+    p.kind = kind
     for hint_type in filter(None, hint_types):
         hints.check_hint_type(hint_type)
     source = ctx.registry.resolve(p.model_id, ctx.owner)
