@@ -216,6 +216,18 @@ def test_interior_restyles_the_room_with_a_line_hint(server, user_key, path, key
     assert meta["strength"] == 0.55 and meta["hint_types"] == ["mlsd"]
 
 
+def test_every_interior_and_controlnet_path_is_served(server, user_key):
+    """Each verb answers its own validation error (never 404) for a body without an image."""
+    verbs = ("make", "room_decorator", "floor_planning", "scenario", "exterior_restorer")
+    verbs += ("interior_mixer", "object_removal")
+    paths = [f"/api/v6/interior/{verb}" for verb in verbs]
+    paths += [f"/api/v1/enterprise/interior/{verb}" for verb in verbs]
+    paths += ["/api/v5/interior", "/api/v3/interior", "/api/v1/enterprise/interior"]
+    for path in paths:
+        answer = server.post(path, {"key": ADMIN_KEY, "prompt": "a room"}).json()
+        assert answer["status"] == "error" and "init image" in answer["message"], (path, answer)
+
+
 def test_interior_object_removal_and_mixer(server, user_key):
     common = {"key": user_key, "init_image": data_url(room()), "width": 64, "height": 64}
     removed = server.post(

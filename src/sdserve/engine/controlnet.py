@@ -38,7 +38,7 @@ from sdserve.engine.adapters import apply_loras
 from sdserve.engine.base import EngineJob, EngineOutput, OutputFile
 from sdserve.engine.batching import per_sample_guidance, step_reporters
 from sdserve.engine.images import BatchItem, ImageEngine, ImageParams
-from sdserve.engine.registry import ModelRegistry
+from sdserve.engine.registry import ModelRegistry, safe_id
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler_name
 from sdserve.errors import EngineError, ModelUnavailable, SdserveError, ValidationFailed
 from sdserve.media.images import encode_png
@@ -152,6 +152,7 @@ def resolve_controlnet(
     owner: str | None = None,
 ) -> NetSource:
     """Where the ControlNet `net_id` for `base_model_id` lives (cheap: done at submit too)."""
+    safe_id(net_id, "controlnet_model")
     unknown = ValidationFailed(
         {
             "controlnet_model": [

@@ -88,7 +88,7 @@ def controlnet_params(req: ControlNetRequest, ctx: Context, *, model_id: str):
     hint_types: list[str | None] = [None] * len(nets)
     if auto_hint and not req.control_image and nets:
         hint_types = [req.controlnet_type or nets[0], *nets[1:]]
-    scales = conditioning_scales(req.controlnet_conditioning_scale, len(nets), errors)
+    scales = conditioning_scales(req.controlnet_conditioning_scale, max(len(nets), 1), errors)
     # guess mode works without a prompt (§8): the net alone guides the image
     promptless = bool(req.guess_mode) and not (req.prompt or "").strip()
     checked = req.model_copy(update={"prompt": "-"}) if promptless else req
