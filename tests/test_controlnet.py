@@ -290,7 +290,7 @@ def test_batched_jobs_match_jobs_run_alone(tmp_path):
             algorithm_type=None,
             strength=0.6,
             controlnets=["canny", "mlsd"],
-            conditioning_scales=[0.5, 1.0],
+            conditioning_scales=[0.5, 1.0 + seed],  # each job's own scales
             hint_types=["canny", "mlsd"],
         )
         inputs = Inputs({"init_image": room(shift=shift)})

@@ -122,14 +122,10 @@ class ControlNetParams(ImageParams):
 
     @property
     def batch_key(self) -> str:
-        """The image batch key and the nets, their scales and guess mode: one pipeline call takes
-        one scale per net. Hints, prompts, seeds and guidance stay each job's own."""
+        """The image batch key, the nets and guess mode. Hints, per-net scales, prompts, seeds
+        and guidance stay each job's own."""
         return batching.batch_key(
-            "controlnet",
-            super().batch_key,
-            ",".join(self.controlnets),
-            ",".join(f"{s:g}" for s in self.conditioning_scales),
-            self.guess_mode,
+            "controlnet", super().batch_key, ",".join(self.controlnets), self.guess_mode
         )
 
 
@@ -399,6 +395,8 @@ class ControlNetEngine(ImageEngine):
         ]
         kwargs: dict = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
         scales = [it.params.guidance_scale for it, _ in per_sample]
+        net_scales = [it.params.conditioning_scales for it, _ in per_sample]
+        top_scales = [max(column) for column in zip(*net_scales, strict=True)]
         # per net, one tensor of every sample's hint (multi-ControlNet takes no nested lists)
         net_hints = [
             torch.stack([_hint_tensor(it.hints[n]) for it, _ in per_sample])
@@ -410,9 +408,7 @@ class ControlNetEngine(ImageEngine):
             guidance_scale=max(scales),
             generator=generators,
             output_type="np",
-            controlnet_conditioning_scale=first.conditioning_scales
-            if len(first.conditioning_scales) > 1
-            else first.conditioning_scales[0],
+            controlnet_conditioning_scale=top_scales if len(top_scales) > 1 else top_scales[0],
             guess_mode=first.guess_mode,
         )
         if first.kind == "text2img":
@@ -431,17 +427,41 @@ class ControlNetEngine(ImageEngine):
         kwargs["callback_on_step_end"] = step_reporters(
             [item.on_step for item in items if item.on_step is not None], marks
         )
-        hook = per_sample_guidance(pipe.unet, scales)
+        nets = getattr(pipe.controlnet, "nets", [pipe.controlnet])
+        hooks = [per_sample_guidance(pipe.unet, scales), *per_sample_control(nets, net_scales)]
         started = time.perf_counter()
         try:
             images = pipe(**kwargs).images
         finally:
-            if hook is not None:
+            for hook in filter(None, hooks):
                 hook.remove()
         ended = time.perf_counter()
         denoised = marks[-1] if marks else ended
         hint = sum(item.hint_seconds for item in items) / len(items)
         return images, {"hint": hint, "denoise": denoised - started, "decode": ended - denoised}
+
+
+def per_sample_control(nets: list, net_scales: list[list[float]]) -> list:
+    """Each sample's own scale per net, inside one pipeline call.
+
+    The pipeline gives every net one scale: the largest the batch asked for. A hook on each net
+    whose samples differ rescales each sample's residuals by its own scale / that one (the
+    unconditional half too, as the pipeline repeats the control input for guidance)."""
+    hooks = []
+    for index, net in enumerate(nets):
+        column = [scales[index] for scales in net_scales]
+        if len(set(column)) <= 1 or max(column) <= 0:
+            continue
+        ratio = torch.tensor(column, dtype=torch.float32) / max(column)
+
+        def hook(_module, _args, _kwargs, output, ratio=ratio):
+            down, mid = output[0], output[1]
+            weights = ratio.repeat(down[0].shape[0] // len(ratio)).to(mid.device, mid.dtype)
+            weights = weights.view(-1, 1, 1, 1)
+            return ([sample * weights for sample in down], mid * weights, *output[2:])
+
+        hooks.append(net.register_forward_hook(hook, with_kwargs=True))
+    return hooks
 
 
 def _hint_tensor(hint: Image.Image | torch.Tensor) -> torch.Tensor:
