@@ -306,7 +306,8 @@ class ControlNetEngine(ImageEngine):
                 OutputFile(encode_png(image), nsfw)
                 for image, nsfw in zip(result.images, result.nsfw, strict=True)
             ]
-            meta = {"hint_types": [t or "image" for t in item.params.hint_types]}
+            given = zip(item.params.controlnets, item.params.hint_types, strict=True)
+            meta = {"hint_types": ["inpaint" if n == "inpaint" else t or "image" for n, t in given]}
             outputs[index] = EngineOutput(files, result.stages, meta)
         return outputs
 
