@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -138,6 +139,26 @@ def test_offline_hints_are_real_maps(hed_wheel):
     # the window's top edge (y = 21) is found by all three
     assert lines[19:24, 40].max() > 127 and edges[19:24, 40].max() > 127
     assert soft[19:24, 40].max() > 127 and soft[110, 60].max() < 60  # and not the flat floor
+
+
+def test_a_local_base_takes_its_net_from_the_data_dir(server, user_key):
+    """For a base that is not built in, a net comes from DATA/controlnet/<id> (or the hub: offline
+    and not downloaded, the answer says how to get it)."""
+    from sdserve.engine.controlnet import ensure_tiny_controlnet
+    from sdserve.engine.tiny import ensure_tiny_model
+
+    models = server.data_dir / "models"
+    if not (models / "local-sd").exists():
+        shutil.copytree(ensure_tiny_model("tiny-sd", models), models / "local-sd")
+    request = body(key=user_key, model_id="local-sd", controlnet_model="softedge")
+    refused = server.post("/api/v5/controlnet", request).json()
+    assert refused["status"] == "error", refused
+    assert "huggingface-cli download lllyasviel/control_v11p_sd15_softedge" in refused["message"]
+    assert "controlnet/softedge" in refused["message"]
+    net = ensure_tiny_controlnet("tiny-sd", "softedge", models)
+    shutil.copytree(net, server.data_dir / "controlnet" / "softedge", dirs_exist_ok=True)
+    answer = server.post("/api/v5/controlnet", request).json()
+    assert pixels(answer).shape == (64, 64, 3) and answer["meta"]["model_id"] == "local-sd"
 
 
 def test_sdxl_base_uses_the_sdxl_controlnet_pipelines(server, user_key):
