@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ADMIN_KEY, decode_png
+from diffusers import ControlNetModel
 from PIL import Image, ImageDraw
 
 from sdserve.engine import hints
@@ -159,6 +160,13 @@ def test_a_local_base_takes_its_net_from_the_data_dir(server, user_key):
     shutil.copytree(net, server.data_dir / "controlnet" / "softedge", dirs_exist_ok=True)
     answer = server.post("/api/v5/controlnet", request).json()
     assert pixels(answer).shape == (64, 64, 3) and answer["meta"]["model_id"] == "local-sd"
+    # a single file (diffusers' key layout) at DATA/controlnet/<id>.safetensors
+    from safetensors.torch import save_file
+
+    weights = ControlNetModel.from_pretrained(ensure_tiny_controlnet("tiny-sd", "tile", models))
+    save_file(weights.state_dict(), server.data_dir / "controlnet" / "tile.safetensors")
+    request["controlnet_model"] = "tile"
+    assert pixels(server.post("/api/v5/controlnet", request).json()).shape == (64, 64, 3)
 
 
 def test_sdxl_base_uses_the_sdxl_controlnet_pipelines(server, user_key):

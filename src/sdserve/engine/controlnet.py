@@ -9,6 +9,8 @@ file), then the hub repo of the catalogue below. Nets are kept resident by the r
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -204,8 +206,10 @@ def check_controlnet_available(registry: ModelRegistry, source: NetSource) -> No
 
 
 def load_controlnet(
-    registry: ModelRegistry, source: NetSource, dtype: torch.dtype
+    registry: ModelRegistry, source: NetSource, dtype: torch.dtype, unet_config: dict
 ) -> ControlNetModel:
+    """The net of `source`; a single file is sized by the base's UNet (`unet_config`), as
+    `ControlNetModel.from_unet` would make it, so no config is fetched from the hub."""
     check_controlnet_available(registry, source)
     try:
         if source.kind == "tiny":
@@ -216,7 +220,7 @@ def load_controlnet(
         if source.kind == "folder":
             return ControlNetModel.from_pretrained(source.location, torch_dtype=dtype)
         if source.kind == "file":
-            return ControlNetModel.from_single_file(source.location, torch_dtype=dtype)
+            return _single_file(Path(source.location), unet_config, dtype)
         return ControlNetModel.from_pretrained(
             source.location,
             subfolder=source.subfolder,
@@ -227,6 +231,25 @@ def load_controlnet(
         raise
     except Exception as exc:
         raise ModelUnavailable(f"ControlNet {source.net_id} could not be loaded: {exc}") from exc
+
+
+def _single_file(path: Path, unet_config: dict, dtype: torch.dtype) -> ControlNetModel:
+    """A ControlNet in one file: diffusers' own key layout (loaded as is) or the original one
+    (`input_hint_block`, converted by diffusers' single-file loader)."""
+    parameters = inspect.signature(ControlNetModel.__init__).parameters
+    config = {key: value for key, value in unet_config.items() if key in parameters}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+        if any(key.startswith("controlnet_cond_embedding.") for key in weights):
+            net = ControlNetModel.from_config(config)
+            net.load_state_dict(weights)
+            return net.to(dtype)
+    with tempfile.TemporaryDirectory(prefix="sdserve-controlnet-config-") as folder:
+        config_file = Path(folder) / "config.json"
+        config_file.write_text(json.dumps({"_class_name": "ControlNetModel", **config}))
+        return ControlNetModel.from_single_file(str(path), config=folder, torch_dtype=dtype)
 
 
 def ensure_tiny_controlnet(base_model_id: str, net_id: str, models_dir: Path) -> Path:
@@ -351,7 +374,10 @@ class ControlNetEngine(ImageEngine):
         if first.embeddings_model:
             self._ensure_embedding(base, first.embeddings_model)
         architecture = "sdxl" if "XL" in type(base).__name__ else "sd15"
-        nets = [self._net(first.model_id, net_id, architecture) for net_id in first.controlnets]
+        nets = [
+            self._net(first.model_id, net_id, architecture, dict(base.unet.config))
+            for net_id in first.controlnets
+        ]
         model_load = time.perf_counter() - started
         overrides = {}
         if first.vae:
@@ -379,11 +405,14 @@ class ControlNetEngine(ImageEngine):
             acceleration.tile_vae_for(pipe, first.width, first.height, self.settings)
         return pipe, model_load
 
-    def _net(self, base_model_id: str, net_id: str, architecture: str) -> ControlNetModel:
+    def _net(
+        self, base_model_id: str, net_id: str, architecture: str, unet_config: dict
+    ) -> ControlNetModel:
         source = resolve_controlnet(self.registry, net_id, base_model_id, architecture)
         key = f"controlnet:{net_id}:{base_model_id}"
         return self.cache.get(
-            key, lambda: load_controlnet(self.registry, source, self.dtype).to(self.device)
+            key,
+            lambda: load_controlnet(self.registry, source, self.dtype, unet_config).to(self.device),
         )
 
     def _call(self, pipe, items: list[ControlItem], embeds: list[dict]):  # type: ignore[override]
