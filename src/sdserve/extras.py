@@ -16,6 +16,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "psycopg": ("psycopg[binary]", "postgres"),
     "prometheus_client": ("prometheus-client", "metrics"),
     "rembg": ("rembg", "removebg"),
+    "cv2": ("opencv-python-headless", "controlnet"),
+    "h5py": ("h5py", "controlnet"),
 }
 
 

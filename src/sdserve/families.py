@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from sdserve.api import chat as chat_api
 from sdserve.engine.base import Engine, Runtime
 from sdserve.engine.chat import ChatEngine
+from sdserve.engine.controlnet import ControlNetEngine
 from sdserve.engine.depth2img import Depth2ImgEngine
 from sdserve.engine.images import ImageEngine
 from sdserve.engine.imports import ModelJobsEngine
@@ -23,8 +24,10 @@ from sdserve.engine.three_d import ThreeDEngine
 from sdserve.engine.training import TrainingEngine
 from sdserve.engine.video import VideoEngine
 from sdserve.schemas import (
+    controlnet,
     depth2img,
     images,
+    interior,
     outpaint,
     pix2pix,
     removebg,
@@ -53,6 +56,8 @@ FAMILIES = (
     Family("images", images.ROUTES, ImageEngine),
     Family("video", video.ROUTES, VideoEngine),
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
+    # before the image-editing verbs: /api/v1/enterprise/interior/object_removal is interior's
+    Family("controlnet", controlnet.ROUTES + interior.ROUTES, ControlNetEngine),
     Family("3d", three_d.ROUTES, ThreeDEngine),
     Family("chat", [], ChatEngine, router=chat_api.router, lane="chat"),
     Family("outpaint", outpaint.ROUTES, OutpaintEngine),  # + object_removal, inpaint aliases

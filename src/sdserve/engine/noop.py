@@ -18,7 +18,7 @@ from sdserve.errors import EngineError
 from sdserve.media.images import encode_png
 from sdserve.settings import Settings
 
-_IMAGE_KINDS = ("text2img", "img2img", "inpaint")
+_IMAGE_KINDS = ("text2img", "img2img", "inpaint", "controlnet")
 _VIDEO_KINDS = ("animatediff", "t2v", "svd")
 _TRAINING_KINDS = ("train_lora", "train_dreambooth", "train_sandbox")
 _MODEL_KINDS = ("model_load", "model_reload")
