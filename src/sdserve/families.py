@@ -7,13 +7,17 @@ import importlib
 from dataclasses import dataclass
 
 from sdserve.engine.base import Engine, Runtime
+from sdserve.engine.blip_diffusion import BlipDiffusionEngine
 from sdserve.engine.images import ImageEngine
+from sdserve.engine.img_mixer import ImgMixerEngine
 from sdserve.engine.imports import ModelJobsEngine
+from sdserve.engine.magic_mix import MagicMixEngine
+from sdserve.engine.mixture_canvas import MixtureCanvasEngine
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.super_resolution import UpscaleEngine
 from sdserve.engine.training import TrainingEngine
 from sdserve.engine.video import VideoEngine
-from sdserve.schemas import images, super_resolution, video
+from sdserve.schemas import image_mixing, images, super_resolution, video
 from sdserve.schemas.common import Dialect, Route
 from sdserve.settings import Settings
 
@@ -29,6 +33,10 @@ FAMILIES = (
     Family("images", images.ROUTES, ImageEngine),
     Family("video", video.ROUTES, VideoEngine),
     Family("super_resolution", super_resolution.ROUTES, UpscaleEngine),
+    Family("blip_diffusion", image_mixing.BLIP_DIFFUSION_ROUTES, BlipDiffusionEngine),
+    Family("magic_mix", image_mixing.MAGIC_MIX_ROUTES, MagicMixEngine),
+    Family("img_mixer", image_mixing.IMG_MIXER_ROUTES, ImgMixerEngine),
+    Family("mixture_canvas", image_mixing.MIXTURE_CANVAS_ROUTES, MixtureCanvasEngine),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)

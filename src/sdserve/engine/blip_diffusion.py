@@ -28,8 +28,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.deprecated.blip_diffusion import (
-    BlipImageProcessor,
     Blip2QFormerModel,
+    BlipImageProcessor,
     ContextCLIPTextModel,
 )
 from PIL import Image, ImageFilter, ImageOps
@@ -281,7 +281,11 @@ def edge_hint(image: Image.Image, task: str) -> Image.Image:
     gray = ImageOps.grayscale(image)
     if task == "controlnet_scribble_generation":
         # a drawing on white paper is inverted: the model wants white strokes on black
-        return ImageOps.invert(gray).convert("RGB") if np.asarray(gray).mean() > 127 else gray.convert("RGB")
+        return (
+            ImageOps.invert(gray).convert("RGB")
+            if np.asarray(gray).mean() > 127
+            else gray.convert("RGB")
+        )
     edges = gray.filter(ImageFilter.FIND_EDGES)
     return edges.point(lambda v: 255 if v > 32 else 0).convert("RGB")
 

@@ -62,7 +62,10 @@ def _layer_forward(
                 encoder_attention_mask=encoder_attention_mask,
             )
         layer_output = apply_chunking_to_forward(
-            self.feed_forward_chunk_query, self.chunk_size_feed_forward, self.seq_len_dim, query_output
+            self.feed_forward_chunk_query,
+            self.chunk_size_feed_forward,
+            self.seq_len_dim,
+            query_output,
         )
         if attention_output.shape[1] > query_length:
             text_output = apply_chunking_to_forward(
@@ -74,7 +77,10 @@ def _layer_forward(
             layer_output = torch.cat([layer_output, text_output], dim=1)
     else:
         layer_output = apply_chunking_to_forward(
-            self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, attention_output
+            self.feed_forward_chunk,
+            self.chunk_size_feed_forward,
+            self.seq_len_dim,
+            attention_output,
         )
     return (layer_output, None)
 

@@ -197,7 +197,10 @@ class ImgMixerEngine:
                     )
                 )
             encoder = CLIPVisionModelWithProjection.from_pretrained(
-                adapter.location, subfolder=adapter.encoder_subfolder, dtype=self.runtime.dtype, **hub
+                adapter.location,
+                subfolder=adapter.encoder_subfolder,
+                dtype=self.runtime.dtype,
+                **hub,
             ).to(self.runtime.device)
             try:
                 processor = CLIPImageProcessor.from_pretrained(
