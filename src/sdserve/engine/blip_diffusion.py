@@ -183,6 +183,14 @@ def _build_tiny(folder: Path) -> None:
             tokenizer=str(bert),
         )
     )
+    with torch.no_grad():
+        # BLIP-2's initialisation leaves the query tokens at zero and its layers near it (trained
+        # weights fill them): unit-scale random ones let the reference image reach the output.
+        qformer.query_tokens.normal_(0, 1)
+        for module in qformer.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0, fan_in**-0.5)
     unet_config = dict(
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
@@ -199,6 +207,10 @@ def _build_tiny(folder: Path) -> None:
         **unet_config,
     )
     controlnet = ControlNetModel(conditioning_embedding_out_channels=(8, 8, 8, 8), **unet_config)
+    with torch.no_grad():  # a fresh ControlNet's zero convolutions would ignore the hint
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, 0.1)
     text_encoder.save_pretrained(folder / "text_encoder")
     qformer.config.tokenizer = None  # set again at load: the folder may move
     qformer.save_pretrained(folder / "qformer")
