@@ -152,14 +152,14 @@ def run(server, user_key, verb: str, **change) -> np.ndarray:
 
 
 def test_magic_mix_kmin_kmax_and_mix_factor_change_the_output(server, user_key):
-    base = run(server, user_key, "magic_mix", steps=10)
-    assert np.abs(run(server, user_key, "magic_mix", steps=10) - base).max() <= 2  # reproducible
-    wider = run(server, user_key, "magic_mix", steps=10, kmin=0.1, kmax=0.9)
-    mixed = run(server, user_key, "magic_mix", steps=10, mix_factor=0.9)
+    # 8 steps: from step 4, layout mixed in at step 5; or from step 1, layout mixed in to the end
+    base = run(server, user_key, "magic_mix", steps=8)
+    wider = run(server, user_key, "magic_mix", steps=8, kmin=0.1, kmax=0.9)
+    mixed = run(server, user_key, "magic_mix", steps=8, mix_factor=0.9)
     assert np.abs(wider - base).mean() > 5
     assert np.abs(mixed - base).mean() > 5
     # the layout image matters: another image, another result
-    other = run(server, user_key, "magic_mix", steps=10, image=data_url(picture(9)))
+    other = run(server, user_key, "magic_mix", steps=8, image=data_url(picture(9)))
     assert np.abs(other - base).mean() > 5
 
 
