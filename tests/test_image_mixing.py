@@ -244,7 +244,7 @@ BAD_INPUT = [
     ("mixture_canvas", {"pos_x1": 12}, "The pos_x1 must be a multiple of 8."),
     ("mixture_canvas", {"image": None}, "The image field is required."),
     ("blip_diffusion", {"condition_image": None}, "The condition image field is required."),
-    ("blip_diffusion", {"condition_subject": ""}, "The condition subject field is required."),
+    ("blip_diffusion", {"condition_subject": None}, "The condition subject field is required."),
     ("blip_diffusion", {"task": "paint"}, "The task must be one of"),
     (
         "blip_diffusion",
@@ -254,6 +254,7 @@ BAD_INPUT = [
     ("blip_diffusion", {"width": 16}, "The width must be between 64"),
     ("blip_diffusion", {"model_id": "blip-diffusion"}, "Salesforce/blipdiffusion"),
     ("blip_diffusion", {"model_id": "no-such-blip"}, "Model not found"),
+    ("blip_diffusion", {"model_id": "../tiny-sd"}, "The model_id is not a valid id."),
 ]
 
 

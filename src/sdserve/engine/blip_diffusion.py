@@ -40,6 +40,7 @@ from sdserve.engine import batching, blip_patches, tiny
 from sdserve.engine.availability import hub_cached, is_offline
 from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
 from sdserve.engine.editing_outputs import generators, output_files, unet_steps
+from sdserve.engine.registry import safe_id
 from sdserve.engine.safety import NsfwChecker
 from sdserve.errors import EngineError, ModelNotFound, ModelUnavailable, SdserveError
 from sdserve.settings import Settings
@@ -91,6 +92,7 @@ class BlipDiffusionParams(BaseModel):
 
 def locate(model_id: str, settings: Settings) -> str:
     """The folder or hub repo of a BLIP-Diffusion model id (cheap: nothing is loaded)."""
+    safe_id(model_id, "model_id")
     if model_id == TINY_MODEL_ID:
         return str(settings.models_dir / TINY_MODEL_ID)
     folder = settings.models_dir / model_id

@@ -173,7 +173,7 @@ def blip_diffusion_job(body: dict, ctx: Context) -> JobSpec:
         reference = req.condition_image or req.image
     else:
         reference = req.style_image or req.condition_image
-    source_subject = (req.condition_subject if zeroshot else req.style_subject or "").strip()
+    source_subject = ((req.condition_subject if zeroshot else req.style_subject) or "").strip()
     if not reference:
         name = "condition_image" if zeroshot else "style_image"
         errors[name] = [f"The {name.replace('_', ' ')} field is required."]
