@@ -239,6 +239,7 @@ BAD_INPUT = [
     ("img_mixer", {"init_image_weights": "0,0"}, "one at least above 0"),
     ("img_mixer", {"init_image": [data_url(picture(1))] * 5}, "Send between 1 and 4 images"),
     ("img_mixer", {"model_id": "tiny-sdxl"}, "sdxl_models"),
+    ("img_mixer", {"model_id": "lambdalabs/image-mixer"}, "mixed with an IP-Adapter"),
     ("mixture_canvas", {"strength": 1.5}, "The strength must be between 0 and 1."),
     ("mixture_canvas", {"pos_y2": 256}, "must lie within the canvas height"),
     ("mixture_canvas", {"pos_x1": 12}, "The pos_x1 must be a multiple of 8."),

@@ -24,15 +24,23 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from sdserve.engine import batching
+from sdserve.engine.adapters import apply_loras
 from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
 from sdserve.engine.batching import step_reporters
 from sdserve.engine.editing_outputs import generators, output_files
 from sdserve.engine.registry import ModelRegistry
 from sdserve.engine.safety import NsfwChecker
-from sdserve.errors import EngineError, ModelUnavailable, SdserveError, ValidationFailed
+from sdserve.errors import (
+    EngineError,
+    ModelUnavailable,
+    NotAvailable,
+    SdserveError,
+    ValidationFailed,
+)
 
 MAX_IMAGES = 4
 TINY_ADAPTER = "tiny-ip-adapter"
+LAMBDALABS_IDS = ("image-mixer", "lambdalabs/image-mixer")
 _SEED = 0
 
 
@@ -85,6 +93,15 @@ def image_input_names(count: int) -> list[str]:
 
 
 # ---- which adapter a model takes ------------------------------------------------------------
+
+
+def refuse_lambdalabs(model_id: str | None) -> None:
+    if model_id in LAMBDALABS_IDS:
+        raise NotAvailable(
+            "The lambdalabs/image-mixer checkpoint (an LDM fine-tune, not a diffusers model) is "
+            "not supported here: send an SD 1.5 or SDXL model_id, or none, and the images are "
+            "mixed with an IP-Adapter"
+        )
 
 
 def adapter_for(model_id: str, registry: ModelRegistry, owner: str | None = None) -> Adapter:
@@ -218,6 +235,7 @@ class ImgMixerEngine:
         # 1. the model, its text-to-image pipeline, and the adapter that fits it
         started = time.perf_counter()
         base = self.runtime.pipeline(p.model_id)
+        apply_loras(base, [], self.runtime.registry)  # none another job left active
         adapter = adapter_for(p.model_id, self.runtime.registry)
         parts = self._adapter_parts(adapter, base.unet)
         loaded = time.perf_counter()

@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler
 from pydantic import BaseModel, ConfigDict
 
 from sdserve.engine import batching, latent_steps
+from sdserve.engine.adapters import apply_loras
 from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
 from sdserve.engine.editing_outputs import output_files
 from sdserve.engine.safety import NsfwChecker
@@ -113,6 +114,7 @@ class MagicMixEngine:
         p = MagicMixParams.model_validate(job.params)
         started = time.perf_counter()
         pipe = self.runtime.pipeline(p.model_id)
+        apply_loras(pipe, [], self.runtime.registry)  # none another job left active
         loaded = time.perf_counter()
         try:
             images = magic_mix(pipe, p, job.image("image"), job.events.step)

@@ -13,7 +13,13 @@ from typing import Any
 
 from sdserve.engine import batching, blip_diffusion
 from sdserve.engine.blip_diffusion import TASKS, BlipDiffusionParams
-from sdserve.engine.img_mixer import MAX_IMAGES, ImgMixerParams, adapter_for, image_input_names
+from sdserve.engine.img_mixer import (
+    MAX_IMAGES,
+    ImgMixerParams,
+    adapter_for,
+    image_input_names,
+    refuse_lambdalabs,
+)
 from sdserve.engine.magic_mix import MagicMixParams, phase_bounds
 from sdserve.engine.mixture_canvas import LATENT_FACTOR, MixtureCanvasParams
 from sdserve.engine.safety import REPLACEMENTS
@@ -365,6 +371,7 @@ def img_mixer_job(body: dict, ctx: Context) -> JobSpec:
     common.check_webhook(req.webhook, settings, errors)
     if errors:
         raise ValidationFailed(errors)
+    refuse_lambdalabs(req.model_id)
     model_id, label = _sd_model(req.model_id, ctx)
     adapter_for(model_id, ctx.registry, ctx.owner)
     p = ImgMixerParams(
