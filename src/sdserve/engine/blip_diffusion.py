@@ -304,6 +304,11 @@ def edge_hint(image: Image.Image, task: str) -> Image.Image:
     return edges.point(lambda v: 255 if v > 32 else 0).convert("RGB")
 
 
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
 # ---- the engine --------------------------------------------------------------------------------
 
 
@@ -371,14 +376,14 @@ class BlipDiffusionEngine:
             neg_prompt=p.negative_prompt,
             prompt_strength=p.prompt_strength,
             prompt_reps=p.prompt_reps,
-            output_type="pil",
+            output_type="pt",  # its own PIL conversion goes through numpy: no bfloat16
         )
         if p.task != "zeroshot":
             args["condtioning_image"] = edge_hint(job.image("controlnet_condition_image"), p.task)
         # 3. the run, reporting each step
         try:
             with torch.no_grad(), unet_steps(pipe.unet, p.steps, job.events.step):
-                images = pipe(**args).images
+                images = _to_pil(pipe(**args).images)
         except SdserveError:
             raise
         except torch.cuda.OutOfMemoryError as exc:

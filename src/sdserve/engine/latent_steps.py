@@ -5,6 +5,7 @@ one guided UNet prediction, and images in and out of latent space (with the VAE'
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,16 +63,34 @@ def predict_noise(unet, scheduler, latents: torch.Tensor, t, cond: Conditioning)
     return uncond + cond.guidance_scale * (text - uncond)
 
 
+@contextlib.contextmanager
+def _vae_precision(vae):
+    """The VAE in float32 while it runs, where fp16 overflows in it (SDXL's: `force_upcast`),
+    as diffusers' own pipelines do; yields the dtype to feed it."""
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if not upcast:
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
 def encode_image(vae, image: Image.Image, width: int, height: int) -> torch.Tensor:
     """An image resized to (width, height), as scaled latents (the distribution's mean)."""
     rgb = np.asarray(image.convert("RGB").resize((width, height), Image.LANCZOS), dtype=np.float32)
     pixels = torch.from_numpy(rgb / 127.5 - 1).permute(2, 0, 1)[None]
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    with _vae_precision(vae) as dtype:
+        pixels = pixels.to(device=vae.device, dtype=dtype)
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    return latents
 
 
 def decode_latents(vae, latents: torch.Tensor) -> list[Image.Image]:
-    pixels = vae.decode(latents / vae.config.scaling_factor).sample
+    with _vae_precision(vae) as dtype:
+        pixels = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
     array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte()
     return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
