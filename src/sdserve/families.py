@@ -10,11 +10,15 @@ from fastapi import APIRouter
 
 from sdserve.api import chat as chat_api
 from sdserve.engine.base import Engine, Runtime
+from sdserve.engine.blip_diffusion import BlipDiffusionEngine
 from sdserve.engine.chat import ChatEngine
 from sdserve.engine.controlnet import ControlNetEngine
 from sdserve.engine.depth2img import Depth2ImgEngine
 from sdserve.engine.images import ImageEngine
+from sdserve.engine.img_mixer import ImgMixerEngine
 from sdserve.engine.imports import ModelJobsEngine
+from sdserve.engine.magic_mix import MagicMixEngine
+from sdserve.engine.mixture_canvas import MixtureCanvasEngine
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.outpaint import OutpaintEngine
 from sdserve.engine.pix2pix import Pix2PixEngine
@@ -26,6 +30,7 @@ from sdserve.engine.video import VideoEngine
 from sdserve.schemas import (
     controlnet,
     depth2img,
+    image_mixing,
     images,
     interior,
     outpaint,
@@ -64,6 +69,10 @@ FAMILIES = (
     Family("pix2pix", pix2pix.ROUTES, Pix2PixEngine),
     Family("depth2img", depth2img.ROUTES, Depth2ImgEngine),
     Family("removebg", removebg.ROUTES, RemoveBgEngine),
+    Family("blip_diffusion", image_mixing.BLIP_DIFFUSION_ROUTES, BlipDiffusionEngine),
+    Family("magic_mix", image_mixing.MAGIC_MIX_ROUTES, MagicMixEngine),
+    Family("img_mixer", image_mixing.IMG_MIXER_ROUTES, ImgMixerEngine),
+    Family("mixture_canvas", image_mixing.MIXTURE_CANVAS_ROUTES, MixtureCanvasEngine),
 )
 # Engines of jobs that have routes of their own (training and model management, in api/).
 OTHER_ENGINES: tuple[type[Engine], ...] = (TrainingEngine, ModelJobsEngine)
