@@ -13,7 +13,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve import __version__
-from sdserve.api import admin, fetch, operations, plans, system, training, utilities
+from sdserve.api import (
+    admin,
+    console,
+    events,
+    fetch,
+    operations,
+    plans,
+    system,
+    training,
+    utilities,
+)
 from sdserve.api.docs import mount_docs
 from sdserve.api.envelope import error_response, http_error_body, job_body
 from sdserve.api.failures import InternalErrors, internal_error_response, record_internal_error
@@ -141,6 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.sdserve = state
     mount_docs(app)  # /docs and /redoc without a CDN
+    console.mount_console(app)  # the web console at /
 
     @app.exception_handler(SdserveError)
     async def _sdserve_error(_request: Request, exc: SdserveError):
@@ -168,6 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
     routers = [fetch.router, family_router(families), training.router, system.router]
     routers += [family.router for family in families if family.router is not None]
     routers += [admin.router, utilities.router, plans.router, operations.router]
+    routers += [events.router, console.router]
     for router in routers:
         app.router.routes.extend(router.routes)
     return app

@@ -11,7 +11,8 @@ from sdserve.jobs.db import Broadcast, WorkerRecord
 from sdserve.jobs.store import JobStore
 
 # clear_cache | evict <model_id> | storage (re-read storage config) | restart (drain and re-exec)
-COMMANDS = ("clear_cache", "evict", "storage", "restart")
+# | drain <worker_id> (finish the batch in hand, claim nothing more) | resume <worker_id>
+COMMANDS = ("clear_cache", "evict", "storage", "restart", "drain", "resume")
 _KEEP_SECONDS = 24 * 3600
 
 

@@ -97,6 +97,7 @@ class KeyRing:
         with self._store.session() as s:
             return [
                 {
+                    "id": k.id,
                     "prefix": k.prefix,
                     "label": k.label,
                     "queue_limit": k.queue_limit,
@@ -117,6 +118,25 @@ class KeyRing:
                 return False
             row.revoked_at = time.time()
             return True
+
+    def revoke_id(self, key_id: int) -> bool:
+        with self._store.session(write=True) as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = time.time()
+        self._cache.clear()
+        return True
+
+    def set_key_plan(self, key_id: int, plan: str | None) -> bool:
+        """Put a key on a plan (None: no plan); False if there is no such live key."""
+        with self._store.session(write=True) as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                return False
+            row.plan = plan
+        self._cache.clear()
+        return True
 
     def has_admin_key(self) -> bool:
         """Whether there is an admin key: SDSERVE_ADMIN_KEY, or one generated earlier."""

@@ -69,6 +69,7 @@ class Worker:
         self._seen_broadcast: int | None = None
         self._last_broadcast_check = 0.0
         self._busy = False
+        self._draining = False  # told to drain by an operator: claims nothing until resumed
         self._current: list[int] = []
         self._deadline = float("inf")  # when the batch in hand runs out of time
         # Set when there may be work: by the API's bus in-process, by NOTIFY on PostgreSQL.
@@ -91,7 +92,7 @@ class Worker:
                 self._follow_broadcasts()
                 if stop.is_set():
                     break
-                if self.run_once(stop):
+                if not self._draining and self.run_once(stop):
                     continue
             except Exception:  # a DB outage must not kill the worker: wait and retry
                 log.exception("worker loop error")
@@ -128,6 +129,9 @@ class Worker:
                 self.storage.reload()
             elif command == "restart" and self.on_restart is not None:
                 self.on_restart()
+            elif command in ("drain", "resume") and argument == self.worker_id:
+                self._draining = command == "drain"
+                self._advertise(force=True)
         self._advertise()
 
     def _advertise(self, force: bool = False) -> None:
@@ -153,7 +157,7 @@ class Worker:
                 gpu_name=gpu_name,
                 gpu_memory_mb=gpu_memory,
                 resident=self.runtime.cache.loaded(),
-                state="busy" if self._busy else "idle",
+                state="draining" if self._draining else "busy" if self._busy else "idle",
                 last_seen=now,
                 model_loads=self.runtime.cache.loads,
             )
