@@ -57,7 +57,7 @@ HUB_MODELS = {
     "blipdiffusion-controlnet": "Salesforce/blipdiffusion-controlnet",
     "Salesforce/blipdiffusion-controlnet": "Salesforce/blipdiffusion-controlnet",
 }
-_SEED = 2
+_SEED = 1
 
 
 class BlipDiffusionParams(BaseModel):
