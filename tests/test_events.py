@@ -118,7 +118,8 @@ def test_a_jobs_events_arrive_in_order_with_progress(server, user_key, reader_fa
     assert steps == sorted(steps) and all(0 < s < 5 for s in steps)
     first = events[0][2]
     assert first["total_steps"] == 5 and first["kind"] == "text2img"
-    assert first["queue_position"] is not None and first["eta"] is not None
+    if first["status"] in ("queued", "processing"):  # a quick job may be done at first look
+        assert first["queue_position"] is not None and first["eta"] is not None
     done = events[-1][2]
     assert done["status"] == "success" and done["timings"]["denoise"] > 0
     assert decode_png(done["output"][0]).size == (64, 64)
