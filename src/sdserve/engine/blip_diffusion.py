@@ -9,9 +9,6 @@ ids. diffusers cannot load these folders with `DiffusionPipeline.from_pretrained
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -239,18 +236,7 @@ def ensure_tiny(models_dir: Path) -> Path:
     folder = models_dir / TINY_MODEL_ID
     if (folder / "controlnet" / "config.json").exists():
         return folder
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_ID}-", dir=models_dir))
-    try:
-        _build_tiny(staging / "model")
-        try:
-            os.replace(staging / "model", folder)
-        except OSError:
-            if not folder.exists():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return tiny.publish_once(folder, _build_tiny)
 
 
 # ---- loading -----------------------------------------------------------------------------------

@@ -5,9 +5,6 @@ the settings name (the embedded model, or an OpenAI-compatible upstream: `engine
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +14,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from sdserve.engine import tiny
 from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
 from sdserve.engine.chat_upstream import UpstreamChat
 from sdserve.errors import EngineError, ModelUnavailable, SdserveError
@@ -96,9 +94,7 @@ def ensure_tiny_chat(models_dir: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_CHAT_ID}-", dir=models_dir))
-    try:
+    def write(target: Path) -> None:
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
@@ -131,16 +127,10 @@ def ensure_tiny_chat(models_dir: Path) -> Path:
             tie_word_embeddings=True,
         )
         model = LlamaForCausalLM(config)
-        tokenizer.save_pretrained(staging / "model")
-        model.save_pretrained(staging / "model", safe_serialization=True)
-        try:
-            os.replace(staging / "model", folder)
-        except OSError:
-            if not folder.exists():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+        tokenizer.save_pretrained(target)
+        model.save_pretrained(target, safe_serialization=True)
+
+    return tiny.publish_once(folder, write)
 
 
 # ---- the embedded sampler ---------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
 import tempfile
 import time
 import zlib
@@ -277,18 +275,7 @@ def ensure_tiny_controlnet(base_model_id: str, net_id: str, models_dir: Path) ->
         )
         net.conv_in.weight.zero_()
         net.conv_in.bias.zero_()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{net_id}-", dir=folder.parent))
-    try:
-        net.save_pretrained(staging / "net")
-        try:
-            os.replace(staging / "net", folder)
-        except OSError:
-            if not folder.exists():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return tiny.publish_once(folder, net.save_pretrained)
 
 
 # ---- the engine ------------------------------------------------------------------------------

@@ -10,9 +10,6 @@ under the models dir. Any other id goes through the model registry as every fami
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -206,17 +203,7 @@ def ensure_tiny_edit_model(model_id: str, models_dir: Path) -> Path:
         pipe = StableDiffusionInpaintPipeline(
             **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir))
-    try:
-        pipe.save_pretrained(staging / "model", safe_serialization=True)
-        try:
-            os.replace(staging / "model", folder)
-        except OSError:
-            if not folder.exists():  # not a lost race with another worker: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return tiny.publish_once(folder, pipe.save_pretrained)
 
 
 def _tiny_dpt():

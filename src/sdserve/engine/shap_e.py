@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +21,7 @@ import torch
 from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEImg2ImgPipeline, ShapEPipeline
 from diffusers.pipelines.shap_e.renderer import ShapERenderer
 
+from sdserve.engine import tiny
 from sdserve.engine.availability import hub_cached, is_offline
 from sdserve.errors import ModelMismatch, ModelNotFound, ModelUnavailable
 from sdserve.settings import Settings
@@ -272,18 +270,11 @@ def ensure_tiny(model_id: str, models_dir: Path) -> Path:
     folder = models_dir / model_id
     if (folder / "model_index.json").exists():
         return folder
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir))
-    try:
-        _BUILDERS[model_id](staging / "tokenizers").save_pretrained(staging / "model")
-        try:
-            os.replace(staging / "model", folder)
-        except OSError:
-            if not folder.exists():  # not a lost race with another worker: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    def write(target: Path) -> None:
+        _BUILDERS[model_id](target.parent / "tokenizers").save_pretrained(target)
+
+    return tiny.publish_once(folder, write)
 
 
 if __name__ == "__main__":  # `python -m sdserve.engine.shap_e tables` rewrites the shipped file

@@ -8,9 +8,6 @@ hub (`CIDAS/clipseg-rd64-refined`), downloaded once or found in the Hugging Face
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +99,9 @@ def ensure_tiny_clipseg(models_dir: Path) -> Path:
     folder = models_dir / _TINY
     if (folder / "config.json").is_file():
         return folder
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_TINY}-", dir=models_dir))
-    try:
-        tokenizer = tiny.write_char_tokenizer(staging / "tokenizer")
+
+    def write(target: Path) -> None:
+        tokenizer = tiny.write_char_tokenizer(target.parent / "tokenizer")
         vocab = len(tokenizer)
         config = CLIPSegConfig(
             text_config={
@@ -144,13 +140,7 @@ def ensure_tiny_clipseg(models_dir: Path) -> Path:
             tokenizer=tokenizer,
         )
         _calibrate(model, processor)
-        model.save_pretrained(staging / "model")
-        processor.save_pretrained(staging / "model")
-        try:
-            os.replace(staging / "model", folder)
-        except OSError:
-            if not folder.exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+
+    return tiny.publish_once(folder, write)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -301,16 +302,14 @@ _BUILDERS = {
 }
 
 
-def ensure_tiny_model(model_id: str, models_dir: Path) -> Path:
-    """Build the tiny model into `models_dir/model_id` once; return the diffusers folder."""
-    folder = models_dir / model_id
-    if (folder / "model_index.json").exists() or (folder / "config.json").exists():
-        return folder
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir))
+def publish_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Write a model folder with `write(target)` in a staging folder beside `folder`, then move it
+    into place in one rename: readers never see half a model, and two workers building the same
+    one at once both end with one whole copy. Returns `folder`."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        pipe = _BUILDERS[model_id](staging / "tokenizers")
-        pipe.save_pretrained(staging / "model", safe_serialization=True)
+        write(staging / "model")
         try:
             os.replace(staging / "model", folder)
         except OSError:
@@ -319,3 +318,16 @@ def ensure_tiny_model(model_id: str, models_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def ensure_tiny_model(model_id: str, models_dir: Path) -> Path:
+    """Build the tiny model into `models_dir/model_id` once; return the diffusers folder."""
+    folder = models_dir / model_id
+    if (folder / "model_index.json").exists() or (folder / "config.json").exists():
+        return folder
+
+    def write(target: Path) -> None:
+        pipe = _BUILDERS[model_id](target.parent / "tokenizers")
+        pipe.save_pretrained(target, safe_serialization=True)
+
+    return publish_once(folder, write)
