@@ -34,9 +34,11 @@ def _submit(store: JobStore, model_id: str, cost: float, batch_key: str | None =
     )
 
 
-def _measure(store: JobStore, model_id: str, seconds: float, load: float = 0.0) -> None:
+def _measure(
+    store: JobStore, model_id: str, seconds: float, load: float = 0.0, batch_key: str | None = None
+) -> None:
     """One job of `model_id` (cost 1) run to success in `seconds`, after a `load` s model load."""
-    job = _submit(store, model_id, 1.0)
+    job = _submit(store, model_id, 1.0, batch_key)
     [claimed] = store.claim_batch("w-measure", max_size=1, lease_seconds=30)
     assert claimed.id == job.id
     timings = {"model_load": load, "batch_size": 1}
@@ -109,3 +111,17 @@ def test_a_batch_s_later_jobs_come_before_this_one_ends(url):
     assert info.position == 2
     assert info.eta >= 4 * 2.0, info
     assert _fresh(url).queue_info(first).eta >= 2 * 2.0  # its batch's loop holds two jobs
+
+
+def test_each_shape_of_work_is_priced_at_its_own_speed(url):
+    # One model's speed per unit differs tenfold between shapes (a small image is mostly fixed
+    # work): the shape measured last must not price the others.
+    store = _fresh(url)
+    _measure(store, "m", seconds=20.0, batch_key="m|512|40")  # 10 s a unit
+    _measure(store, "m", seconds=0.2, batch_key="m|64|2")  # 0.1 s a unit, measured last
+    _worker(store, resident=["m"])
+    large = _submit(store, "m", 1.0, batch_key="m|512|40")
+    assert 18.0 <= _fresh(url).queue_info(large).eta <= 22.0
+    store.claim_batch("w-measure", max_size=1, lease_seconds=30)  # `large` runs
+    small = _submit(store, "m", 1.0, batch_key="m|64|2")
+    assert 20.0 <= _fresh(url).queue_info(small).eta <= 23.0  # behind `large`, then its own 0.2 s
