@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from sdserve.jobs.db import (
@@ -36,6 +36,7 @@ _ETA_UNITS = case(
     (Job.cost > STEP_FLOOR_UNITS * Job.total_steps, Job.cost),
     else_=STEP_FLOOR_UNITS * Job.total_steps,
 )
+_SHAPE_MEMORY_SECONDS = 86400.0  # however many sizes clients send, a day's worth is read
 _BATCH_PULL = 7  # later jobs a batch can take along (the default max_batch_size, less one)
 
 
@@ -125,7 +126,14 @@ class Estimates:
         with self.session() as s:
             timings = {
                 row.model_id: ModelTiming(row.seconds_per_unit, row.load_seconds, row.batch_size)
-                for row in s.scalars(select(StepTiming))
+                for row in s.scalars(
+                    select(StepTiming).where(  # shapes not seen lately fall back to their model
+                        or_(
+                            StepTiming.model_id.not_like(f"{SHAPE_PREFIX}%"),
+                            StepTiming.updated_at > now - _SHAPE_MEMORY_SECONDS,
+                        )
+                    )
+                )
             }
             workers = s.execute(
                 select(WorkerRecord.resident, WorkerRecord.state, WorkerRecord.device).where(
