@@ -136,3 +136,18 @@ def test_eta_is_a_bound_most_jobs_finish_within(url):
     _worker(store, resident=["m"])
     job = _submit(store, "m", 1.0, batch_key="m|1.0")
     assert 1.2 * 2.0 <= _fresh(url).queue_info(job).eta <= 2.0 * 2.0
+
+
+def test_a_job_joining_an_older_batch_is_not_priced_behind_younger_batches(url):
+    # The oldest queued job is claimed with its batch: a job of that batch runs before every
+    # batch whose oldest job is younger, even those submitted before it.
+    store = _fresh(url)
+    _measure(store, "m", seconds=2.0)  # 1 s a unit
+    _worker(store, resident=["m"])
+    _submit(store, "m", 1.0, batch_key="A")
+    for _ in range(3):
+        _submit(store, "m", 1.0, batch_key="B")
+    job = _submit(store, "m", 1.0, batch_key="A")
+    info = _fresh(url).queue_info(job)
+    assert info.position == 1
+    assert info.eta <= 2 * 2.0 * ETA_MARGIN + 0.01, info  # its loop: two jobs of 2 s

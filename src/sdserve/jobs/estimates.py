@@ -70,6 +70,7 @@ class Estimates:
                     Job.batch_key,
                     Job.model_id,
                     Job.kind,
+                    func.min(Job.id),
                     func.count(case((before, 1))),
                     func.coalesce(func.sum(case((before, _ETA_UNITS), else_=0.0)), 0.0),
                     func.count(case((Job.id > job.id, 1))),
@@ -94,21 +95,25 @@ class Estimates:
             )
             for model_id, kind, cost, step, total, batch_key in running
         ]
-        batches_ahead = {row[0] for row in queued if row[3]} | {job.batch_key}
+        # A worker claims the oldest queued job and the queued jobs of its batch: batches run in
+        # the order of their oldest job. This job runs in its batch's loop, so a batch whose
+        # oldest job is younger than that runs after it, however old its other jobs.
+        own_first = min((row[3] for row in queued if row[0] == job.batch_key), default=job.id)
         position = 0
-        for batch_key, model_id, kind, count, cost, later, later_cost in queued:
+        for batch_key, model_id, kind, first, count, cost, later, later_cost in queued:
+            if first > own_first:
+                continue
             position += count
             key_ahead, shape = timing_key(model_id, kind), shape_key(batch_key)
             unit = (cost + later_cost) / (count + later) if count + later else units
-            if batch_key in batches_ahead:
-                # A batch that runs before this job ends takes later jobs of its kind along, in
-                # its one loop: those queued now, or as many as batches have lately held (jobs
-                # still arriving), up to a batch's worth.
-                own = 1 if batch_key == job.batch_key else 0
-                usual = estimator.batch_size(Pending(model_id, key_ahead, unit, shape=shape))
-                pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
-                count += max(pulled, 0)
-                cost = unit * count
+            # A batch that runs before this job ends takes later jobs of its kind along, in its
+            # one loop: those queued now, or as many as batches have lately held (jobs still
+            # arriving), up to a batch's worth.
+            own = 1 if batch_key == job.batch_key else 0
+            usual = estimator.batch_size(Pending(model_id, key_ahead, unit, shape=shape))
+            pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
+            count += max(pulled, 0)
+            cost = unit * count
             # One entry per job: each carries its fixed per-job work (eta.PER_JOB_UNITS).
             ahead.extend(
                 Pending(model_id, key_ahead, cost / count, shape=shape) for _ in range(count)
