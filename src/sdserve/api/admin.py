@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from sdserve import __version__
 from sdserve.api.deps import AdminDep, CallerDep
 from sdserve.api.envelope import fetch_url, message_body, ok
-from sdserve.api.openapi import answers, body
+from sdserve.api.openapi import answers, body, query
 from sdserve.api.state import ServerState
 from sdserve.api.submit import queue_spec
 from sdserve.engine import tiny
@@ -104,7 +104,7 @@ def _enterprise(
                     summary=f"{name}: {_SUMMARIES[name]}",
                     include_in_schema=not path.count("{"),
                     responses=responses or answers(answer),
-                    openapi_extra=body(request) if method == "POST" else None,
+                    openapi_extra=body(request) if method == "POST" else query(request),
                 )
         return handler
 
@@ -458,6 +458,7 @@ async def clear_cache(found: AdminDep):
     tags=["utilities"],
     summary="Unload resident models",
     responses=answers(wire.MessageAnswer),
+    openapi_extra=query(KeyOnly),
 )
 @router.post(
     "/api/v5/clear_cache",

@@ -62,9 +62,8 @@ async def fetch_by_request_id(found: CallerDep):
 
 # What the OpenAPI document says of each form (declared only: the answer is sent as it is).
 ANSWERS = answers(JobAnswer, with_error=False)
-BY_PATH = {"POST": body(KeyOnly), "GET": {}}
-_ID_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
-BY_REQUEST_ID = {"POST": body(FetchRequest), "GET": query(request_id=_ID_SCHEMA, id=_ID_SCHEMA)}
+BY_PATH = {"POST": body(KeyOnly), "GET": query(KeyOnly)}
+BY_REQUEST_ID = {"POST": body(FetchRequest), "GET": query(FetchRequest)}
 
 # One route per method, so that each gets its own OpenAPI operation id.
 for _method in ("POST", "GET"):

@@ -33,12 +33,14 @@ def body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def query(**fields: dict[str, Any]) -> dict[str, Any]:
-    """`openapi_extra` declaring optional query parameters, by name and JSON schema."""
+def query(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring `model`'s fields as query parameters (a GET's request)."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
     return {
         "parameters": [
-            {"name": name, "in": "query", "required": False, "schema": schema}
-            for name, schema in fields.items()
+            {"name": name, "in": "query", "required": name in required, "schema": field}
+            for name, field in schema["properties"].items()
         ]
     }
 

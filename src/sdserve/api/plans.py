@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import CallerDep
 from sdserve.api.envelope import ok
-from sdserve.api.openapi import answers, body
+from sdserve.api.openapi import answers, body, query
 from sdserve.errors import InvalidKey, InvalidRequest, ValidationFailed
 from sdserve.schemas import answers as wire
 from sdserve.schemas.admin import (
@@ -113,6 +113,7 @@ async def buy_model(found: CallerDep):
     "/api/subscribed_products",
     summary="A key's plan and monthly usage",
     responses=answers(wire.SubscribedProducts),
+    openapi_extra=query(KeyOnly),
 )
 @router.post(
     "/api/subscribed_products",

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import Caller, CallerDep
 from sdserve.api.envelope import message_body, ok
-from sdserve.api.openapi import answers, body
+from sdserve.api.openapi import answers, body, query
 from sdserve.api.state import ServerState
 from sdserve.api.submit import queue_spec
 from sdserve.engine.batching import solo_key
@@ -219,7 +219,7 @@ for _path in (
             methods=[_method],
             summary="A training's stage and log",
             responses=answers(wire.TrainingStatus),
-            openapi_extra=body(KeyOnly) if _method == "POST" else None,
+            openapi_extra=body(KeyOnly) if _method == "POST" else query(KeyOnly),
         )
 for _path in ("/api/v3/cancle_training/{training_id}", "/api/v3/cancel_training/{training_id}"):
     router.add_api_route(
