@@ -1,0 +1,53 @@
+"""What the OpenAPI document says of a route: its request body and its answers.
+
+Answers are declared as `responses=` metadata, never as a `response_model`: handlers return their
+bodies as they are (fetch and submissions rendered once with orjson), so declaring them costs a
+request nothing and changes no byte a client gets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from sdserve.schemas.answers import ErrorAnswer
+
+_OK = "The answer. With SDSERVE_ERROR_STATUS=legacy (the default) errors come with 200 too."
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "model": ErrorAnswer,
+        "description": "An error, with SDSERVE_ERROR_STATUS=http; 429 (a full queue) always",
+    }
+}
+
+
+def body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring a JSON body of `model`'s fields (they may also come as form
+    fields, multipart parts or the query string: api/deps.py). It is required when a field is."""
+    required = any(field.is_required() for field in model.model_fields.values())
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def query(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring `model`'s fields as query parameters (a GET's request)."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": name in required, "schema": field}
+            for name, field in schema["properties"].items()
+        ]
+    }
+
+
+def answers(ok: Any, *, with_error: bool = True, **extra: Any) -> dict[int | str, dict[str, Any]]:
+    """`responses=`: `ok` (a model or a type) with HTTP 200, or the error envelope, which also
+    comes with 200 in the legacy error mode (`with_error=False` when `ok` includes it); 4xx
+    answers are the error envelope. `extra` adds to the 200 response (other content types)."""
+    model = ok | ErrorAnswer if with_error else ok
+    return {200: {"model": model, "description": _OK, **extra}, **_ERRORS}
