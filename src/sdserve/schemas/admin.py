@@ -1,8 +1,10 @@
-"""Wire models of the requests that are no family's (fetch, models, admin, utilities, plans), for
-the OpenAPI document. Their handlers read the caller's merged fields (api/deps.py) and check them
-with the hosted API's own messages; these say what those fields are."""
+"""Wire models of the requests that are no family's (fetch, models, admin, utilities, plans, the
+console), for the OpenAPI document. Their handlers read the caller's merged fields (api/deps.py) and
+check them with the hosted API's own messages; these say what those fields are."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -91,3 +93,23 @@ class PlansRequest(KeyOnly):
     queue_limit: int | str | None = None
     included_models: int | str | None = None
     self_service: str | bool | None = None
+
+
+# ---- the console's ------------------------------------------------------------------------------
+
+
+class JobsQuery(KeyOnly):
+    kind: str | None = Field(None, description="text2img, img2img, chat, ...")
+    status: Literal["queued", "processing", "success", "failed", "active"] | None = None
+    model_id: str | None = None
+    before_id: int | None = Field(None, description="older than this job: the next page")
+    limit: int | None = Field(None, ge=1, le=200, description="50 by default")
+
+
+class NewKeyRequest(KeyOnly):
+    label: str | None = Field(None, description="up to 200 characters")
+    plan: str | None = Field(None, description="a plan's name; none: no plan")
+
+
+class KeyPlanRequest(KeyOnly):
+    plan: str | None = Field(None, description="a plan's name; none: off any plan")

@@ -357,3 +357,319 @@ class Readiness(Answer):
 class OperationError(Answer):
     status: Literal["error"]
     message: str
+
+
+# ---- chat: ModelsLab's routes (a chat job answered with its text) --------------------------------
+
+
+class ChatUsage(Answer):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatSuccess(Answer):
+    status: Literal["success"]
+    message: str = Field(description="the answer's text")
+    generationTime: float
+    chat_id: int
+    id: int
+    meta: dict[str, Any]
+    track_id: str | None = None
+    usage: ChatUsage
+    finish_reason: str | None
+
+
+class ChatProcessing(Answer):
+    status: Literal["processing"]
+    message: str
+    messege: str
+    eta: float
+    fetch_result: str = Field(description="get_queued_response, to call with this chat_id")
+    tip: str
+    chat_id: int
+    id: int
+    meta: dict[str, Any]
+    track_id: str | None = None
+
+
+class ChatFailed(Answer):
+    status: Literal["failed"]
+    message: str
+    messege: str
+    chat_id: int
+    id: int
+    meta: dict[str, Any]
+    track_id: str | None = None
+
+
+ChatJobAnswer = Annotated[
+    ChatSuccess | ChatProcessing | ChatFailed | ErrorAnswer, Field(discriminator="status")
+]
+
+
+class ChatTurn(Answer):
+    role: str
+    content: str
+
+
+class ChatConversation(Answer):
+    status: Literal["success"]
+    chat_id: int
+    chat_status: str = Field(description="the chat job's status: queued, processing, ...")
+    messages: list[ChatTurn]
+    track_id: str | None = None
+
+
+# ---- chat: OpenAI's routes (OpenAI's objects, and OpenAI's errors with real status codes) --------
+
+
+class OpenAIErrorDetail(Answer):
+    message: str
+    type: str = Field(description="invalid_request_error, insufficient_quota, server_error, ...")
+    param: str | None
+    code: str | None = Field(description="invalid_api_key, model_not_found, invalid_value, ...")
+
+
+class OpenAIError(Answer):
+    """An OpenAI error object, with its HTTP status (400, 401, 404, 429, 502, 504, ...)."""
+
+    error: OpenAIErrorDetail
+
+
+class V7Error(OpenAIError):
+    """v7's error: OpenAI's, with ModelsLab's `status` and `message` for its clients."""
+
+    status: Literal["error"]
+    message: str
+
+
+class CompletionMessage(Answer):
+    role: str
+    content: str | None
+
+
+class ChatCompletionChoice(Answer):
+    index: int
+    message: CompletionMessage
+    finish_reason: str | None
+    logprobs: Any = None
+
+
+class ChatCompletion(Answer):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: ChatUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class V7ChatCompletion(ChatCompletion):
+    """v7's completion: OpenAI's, with ModelsLab's `status` and the answer's text as `message`."""
+
+    status: Literal["success"]
+    message: str | None
+
+
+class TextCompletionChoice(Answer):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: Any = None
+
+
+class TextCompletion(Answer):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextCompletionChoice]
+    usage: ChatUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(Answer):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelCards(Answer):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+# ---- the console ---------------------------------------------------------------------------------
+
+
+class Me(Answer):
+    status: Literal["success"]
+    is_admin: bool
+    plan: str | None
+    queue_limit: int | None
+    monthly_quota: int | None = Field(description="requests a month; null: no cap")
+    used_this_month: int
+
+
+class PickerModel(Answer):
+    model_id: str
+    status: str
+    source: str
+
+
+class ConsoleOptions(Answer):
+    status: Literal["success"]
+    models: list[PickerModel]
+    loras: list[str]
+    embeddings: list[str]
+    vaes: list[str]
+    controlnets: list[str]
+    schedulers: list[str]
+    default_model: str
+
+
+class JobSummary(Answer):
+    id: int
+    kind: str
+    status: str = Field(description="queued, processing, success or failed")
+    model_id: str
+    prompt: str | None
+    step: int
+    total_steps: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    generation_time: float | None
+    output: list[str]
+    error: str | None
+    owner: str | None = Field(None, description="to the admin key only")
+
+
+class Jobs(Answer):
+    status: Literal["success"]
+    jobs: list[JobSummary]
+    kinds: list[str] = Field(description="the kinds of job this key has run")
+
+
+class WebhookDelivery(Answer):
+    attempt: int
+    url: str
+    sent_at: float
+    status_code: int | None
+    ok: bool
+    error: str | None
+
+
+class JobDetail(JobSummary):
+    request: dict[str, Any]
+    inputs: dict[str, str]
+    meta: dict[str, Any]
+    timings: dict[str, Any]
+    webhook: str | None
+    webhook_deliveries: list[WebhookDelivery]
+    track_id: str | None
+    attempts: int
+    queue_position: int | None = Field(None, description="while queued or running")
+    eta: float | None = Field(None, description="while queued or running")
+
+
+class JobDetails(Answer):
+    status: Literal["success"]
+    job: JobDetail
+
+
+class JobDone(MessageAnswer):
+    id: int
+
+
+class ConsoleTraining(Answer):
+    training_id: str
+    job_id: int
+    kind: str
+    base_model_id: str
+    instance_prompt: str | None
+    stage: str
+    log: list[str] = Field(description="the log's last 20 lines")
+    cancel_requested: bool
+    created_at: float
+    status: str
+    step: int
+    total_steps: int
+
+
+class ConsoleTrainings(Answer):
+    status: Literal["success"]
+    trainings: list[ConsoleTraining]
+
+
+class QueuedJob(JobSummary):
+    queue_position: int
+    eta: float
+    batch_key: str
+
+
+class AdminQueue(Answer):
+    status: Literal["success"]
+    jobs: list[QueuedJob]
+
+
+class ConsoleWorker(Answer):
+    worker_id: str
+    hostname: str
+    device: str
+    gpu_name: str | None
+    gpu_memory_mb: int | None
+    resident: list[str]
+    state: str
+    last_seen: float
+    model_loads: int
+    running: list[int] = Field(description="the ids of the jobs it holds now")
+    batch_size: int
+
+
+class AdminWorkers(Answer):
+    status: Literal["success"]
+    workers: list[ConsoleWorker]
+
+
+class WorkerOrdered(MessageAnswer):
+    worker_id: str
+
+
+class Throughput(Answer):
+    status: Literal["success"]
+    start: float
+    bucket_seconds: int
+    images_per_second: list[float]
+    outputs: list[int]
+    queue_depth: list[int]
+
+
+class KeyEntry(Answer):
+    id: int
+    prefix: str
+    label: str
+    queue_limit: int | None
+    plan: str | None
+    created_at: float
+    revoked: bool
+    used_this_month: int
+
+
+class AdminKeys(Answer):
+    status: Literal["success"]
+    keys: list[KeyEntry]
+
+
+class KeyCreated(MessageAnswer):
+    key: str = Field(description="the new key, shown this once")
+    prefix: str
+    plan: str | None
+
+
+class KeyPlanSet(MessageAnswer):
+    id: int
+    plan: str | None
