@@ -1,6 +1,7 @@
 """A bounded schemathesis run over every operation of a live server: no 5xx, no "Internal server
 error" body, and every answer of the shape the OpenAPI document declares, whatever a client sends.
-SDSERVE_FUZZ_EXAMPLES sets the cases per operation."""
+SDSERVE_FUZZ_EXAMPLES sets the cases per operation (a third of them for chat operations, which run a
+model)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from schemathesis.core.failures import Failure, FailureGroup  # noqa: E402
 from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
 
 EXAMPLES = int(os.environ.get("SDSERVE_FUZZ_EXAMPLES", "6"))
+# Chat operations run a model for most valid bodies: fewer cases, so the run stays as short.
+CHAT_EXAMPLES = max(1, EXAMPLES // 3)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,10 @@ def fuzz_server(tmp_path_factory):
         SDSERVE_ALLOW_PRIVATE_URLS="0",  # no fuzzed URL reaches this machine's services
         SDSERVE_IMAGE_FETCH_TIMEOUT="2",
         SDSERVE_DOWNLOAD_TIMEOUT="2",
+        # Chat jobs run on the real tiny chat model (its own lane). Fuzzed bodies may ask for up
+        # to 30,000 tokens: the server reduces that to 8, and an answer never waits long.
+        SDSERVE_CHAT_MAX_TOKENS="8",
+        SDSERVE_CHAT_WAIT_SECONDS="30",
     ).start()
     yield srv, create_key(srv.data_dir)
     srv.stop()
@@ -46,7 +53,7 @@ def test_no_operation_answers_an_internal_error(fuzz_server):
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=EXAMPLES,
+            max_examples=CHAT_EXAMPLES if "chat" in (operation.tags or ()) else EXAMPLES,
             deadline=None,
             database=None,
             derandomize=True,  # the same cases every CI run; SDSERVE_FUZZ_EXAMPLES explores more

@@ -28,14 +28,29 @@ def body(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": required,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {"application/json": {"schema": _inlined(model.model_json_schema())}},
         }
     }
 
 
+def _inlined(schema: Any, defs: dict[str, Any] | None = None) -> Any:
+    """`schema` with its nested models (`$defs`, which the document would not resolve) written
+    in place; the request models hold no recursive ones."""
+    if isinstance(schema, dict):
+        if defs is None:
+            defs = schema.pop("$defs", {})
+        ref = schema.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inlined(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inlined(value, defs) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inlined(item, defs) for item in schema]
+    return schema
+
+
 def query(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` declaring `model`'s fields as query parameters (a GET's request)."""
-    schema = model.model_json_schema()
+    schema = _inlined(model.model_json_schema())
     required = set(schema.get("required", ()))
     return {
         "parameters": [
@@ -51,3 +66,25 @@ def answers(ok: Any, *, with_error: bool = True, **extra: Any) -> dict[int | str
     answers are the error envelope. `extra` adds to the 200 response (other content types)."""
     model = ok | ErrorAnswer if with_error else ok
     return {200: {"model": model, "description": _OK, **extra}, **_ERRORS}
+
+
+def openai_answers(
+    ok: type[BaseModel], error: type[BaseModel], *, stream: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of an OpenAI route: `ok` with 200 (with `stream`, or its chunks as server-sent
+    events), and `error`, OpenAI's error object, with the error's own 4xx or 5xx status."""
+    success: dict[str, Any] = {"model": ok, "description": "The answer"}
+    if stream:
+        success["description"] = "The answer; with `stream`, its chunks as server-sent events"
+        events = "`data: <chunk>` events, the last `data: [DONE]`"
+        success["content"] = {
+            "text/event-stream": {"schema": {"type": "string"}, "example": events}
+        }
+    return {
+        200: success,
+        "4XX": {"model": error, "description": "An OpenAI error: 400, 401, 404, 413, 429"},
+        "5XX": {
+            "model": error,
+            "description": "An OpenAI error: the upstream failed (502), or no answer in time (504)",
+        },
+    }
