@@ -119,3 +119,82 @@ def test_real_answers_match_the_declared_schemas(server, user_key):
     with pytest.raises(Failure, match="Response violates schema"):
         schema["/api/v3/system_load"]["POST"].validate_response(verdict)
     assert len(checked) >= 30, checked
+
+
+def test_chat_and_console_answers_match_the_declared_schemas(server, user_key):
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    checked: list[str] = []
+
+    def call(method: str, path: str, body: dict | None = None, operation_path: str = "", key=""):
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        response = httpx.request(method, server.url + path, json=body, headers=headers, timeout=180)
+        schema[operation_path or path.split("?")[0]][method].validate_response(response)
+        checked.append(f"{method} {path} {response.status_code}")
+        return response.json() if "json" in response.headers["content-type"] else response.text
+
+    # Chat: ModelsLab's answers, OpenAI's objects, their stream and their errors
+    ask = [{"role": "user", "content": "Hi"}]
+    tiny = {"key": user_key, "max_tokens": 3, "seed": 1}
+    said = call("POST", "/api/v6/llm/uncensored_chat", {**tiny, "messages": ask})
+    assert said["status"] == "success", said
+    queued = call(
+        "POST",
+        "/api/v1/chat_llm/chat",
+        {"key": user_key, "prompt": "Hi", "max_new_tokens": 2, "instant_response": True},
+    )
+    assert queued["status"] in ("processing", "success"), queued
+    for name in ("get_queued_response", "get_chat"):
+        call("POST", f"/api/v1/chat_llm/{name}", {"key": user_key, "chat_id": queued["chat_id"]})
+    openai = "/api/uncensored-chat/v1"
+    call("POST", f"{openai}/chat/completions", {**tiny, "messages": ask})
+    call("POST", f"{openai}/completions", {**tiny, "prompt": "Once"})
+    assert "[DONE]" in call("POST", f"{openai}/completions", {**tiny, "prompt": "A", "stream": 1})
+    call("GET", f"{openai}/models", key=user_key)
+    assert call("POST", f"{openai}/chat/completions", {**tiny, "messages": []})["error"]
+    assert call("GET", f"{openai}/models", key="nope")["error"]["code"] == "invalid_api_key"
+    call("POST", "/api/v7/llm/chat/completions", {**tiny, "messages": ask})
+    call("POST", "/api/v7/llm/chat/completions", {**tiny, "messages": ask, "model": "nope"})
+
+    # The console: the caller, pickers, jobs and trainings; the admin's views; errors
+    call("GET", f"/api/v1/me?key={user_key}")
+    call("GET", f"/api/v1/console/options?key={user_key}")
+    listed = call("GET", f"/api/v1/jobs?key={user_key}&limit=5")
+    assert listed["jobs"], listed
+    call("GET", f"/api/v1/jobs/{said['id']}?key={user_key}", None, "/api/v1/jobs/{job_id}")
+    call("GET", f"/api/v1/jobs?key={user_key}&status=nope", None, "/api/v1/jobs")
+    call("GET", f"/api/v1/trainings?key={user_key}")
+    for name in ("queue", "workers", "throughput", "keys"):
+        call("GET", f"/api/v1/admin/{name}?key={ADMIN_KEY}")
+    made = call("POST", "/api/v1/admin/keys", {"key": ADMIN_KEY, "label": "openapi"})
+    key_id = next(
+        k["id"]
+        for k in call("GET", f"/api/v1/admin/keys?key={ADMIN_KEY}")["keys"]
+        if k["prefix"] == made["prefix"]
+    )
+    call(
+        "POST",
+        f"/api/v1/admin/keys/{key_id}/plan",
+        {"key": ADMIN_KEY},
+        "/api/v1/admin/keys/{key_id}/plan",
+    )
+    call(
+        "POST",
+        f"/api/v1/admin/keys/{key_id}/revoke",
+        {"key": ADMIN_KEY},
+        "/api/v1/admin/keys/{key_id}/revoke",
+    )
+    call(
+        "POST",
+        "/api/v1/admin/workers/nope/drain",
+        {"key": ADMIN_KEY},
+        "/api/v1/admin/workers/{worker_id}/drain",
+    )
+    call("GET", f"/api/v1/admin/queue?key={user_key}")  # not the admin key: an error
+    call(
+        "POST",
+        f"/api/v1/jobs/{said['id']}/cancel",
+        {"key": user_key},
+        "/api/v1/jobs/{job_id}/cancel",
+    )  # finished already: an error
+    call("DELETE", f"/api/v1/jobs/{said['id']}?key={user_key}", None, "/api/v1/jobs/{job_id}")
+    assert len(checked) >= 25, checked

@@ -76,10 +76,14 @@ def openai_answers(
     success: dict[str, Any] = {"model": ok, "description": "The answer"}
     if stream:
         success["description"] = "The answer; with `stream`, its chunks as server-sent events"
-        events = "`data: <chunk>` events, the last `data: [DONE]`"
-        success["content"] = {
-            "text/event-stream": {"schema": {"type": "string"}, "example": events}
+        event = {  # each event of the stream
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {"type": "string", "description": "a chunk's JSON; the last: `[DONE]`"}
+            },
         }
+        success["content"] = {"text/event-stream": {"schema": event}}
     return {
         200: success,
         "4XX": {"model": error, "description": "An OpenAI error: 400, 401, 404, 413, 429"},
