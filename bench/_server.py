@@ -66,7 +66,7 @@ def running_server(data_dir: str | None = None, **env: str):
             # On failure this kills the server's process group and raises with its log.
             wait_until_serving(
                 proc,
-                lambda: httpx.get(url + "/openapi.json", timeout=5).status_code == 200,
+                lambda: httpx.get(url + "/healthz", timeout=5).status_code == 200,
                 "benchmark server",
                 log,
             )

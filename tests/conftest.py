@@ -81,7 +81,7 @@ class ServerProcess:
         self.proc = start_process(self.argv, self.env, self.log)
 
         def ready() -> bool:
-            return httpx.get(f"{self.url}/openapi.json", timeout=5).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200
 
         wait_until_serving(self.proc, ready, f"server on port {self.port}", self.log, seconds)
         return self

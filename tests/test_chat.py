@@ -169,6 +169,8 @@ def test_openai_completions_and_models(server, user_key):
         llm.completions.create(model="tiny-chat", prompt="Once", max_tokens=4, seed=2, stream=True)
     )
     assert streamed and all(c.object == "text_completion" for c in streamed)
+    empty = llm.completions.create(model="tiny-chat", prompt="", max_tokens=2)  # from BOS
+    assert empty.usage.prompt_tokens == 1 and isinstance(empty.choices[0].text, str)
     assert [m.id for m in llm.models.list()] == ["tiny-chat"]
 
 

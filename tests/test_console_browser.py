@@ -135,6 +135,9 @@ def progress_until_done(page, card: str) -> list[int]:
         if value is not None and (not values or values[-1] != int(value)):
             values.append(int(value))
         if page.locator(f"{card} .pill.success, {card} .pill.failed").count():
+            value = int(bar.get_attribute("aria-valuenow") or 0)  # the pill may show first
+            if values[-1:] != [value]:
+                values.append(value)
             break
         time.sleep(0.03)
     return values
@@ -152,8 +155,9 @@ def test_playground_generates_chains_into_img2img_and_inpaints(page, server):
     page.fill("#f-prompt", "a red fox")
     page.fill("#f-width", "64")
     page.fill("#f-height", "64")
-    page.fill("#f-num_inference_steps", "20")
-    assert '"num_inference_steps": 20' in page.inner_text("#request-json")
+    # 50 steps: long enough (about a second) for the event stream's 0.3 s polls to see a step
+    page.fill("#f-num_inference_steps", "50")
+    assert '"num_inference_steps": 50' in page.inner_text("#request-json")
     assert "curl -X POST" in page.inner_text("#request-curl")
     generate(page)
     page.wait_for_selector(".job-card")

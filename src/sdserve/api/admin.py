@@ -14,16 +14,19 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from sdserve import __version__
 from sdserve.api.deps import AdminDep, CallerDep
 from sdserve.api.envelope import fetch_url, message_body, ok
+from sdserve.api.openapi import answers, body, query
 from sdserve.api.state import ServerState
 from sdserve.api.submit import queue_spec
 from sdserve.engine import tiny
@@ -42,6 +45,14 @@ from sdserve.errors import (
 from sdserve.jobs.catalogue import DuplicateModel
 from sdserve.jobs.keys import Principal
 from sdserve.net import BlockedUrl, acheck_public_url, arequire_public_url, check_url_syntax
+from sdserve.schemas import answers as wire
+from sdserve.schemas.admin import (
+    KeyOnly,
+    LoadModelBody,
+    ModelIdRequest,
+    SyncModelsRequest,
+    UpdateS3Request,
+)
 from sdserve.schemas.common import JobSpec
 from sdserve.schemas.images import V3
 from sdserve.schemas.models import ImportRequest, parse_load_model
@@ -74,8 +85,14 @@ _SUMMARIES = {
 }
 
 
-def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
-    """Register a handler at both enterprise paths."""
+def _enterprise(
+    name: str,
+    request: type[BaseModel],
+    answer: Any,
+    methods: tuple[str, ...] = ("POST",),
+    responses: dict | None = None,
+):
+    """Register a handler at both enterprise paths, its body `request` and its `answer`."""
 
     def register(handler):
         for path in (f"/api/v1/enterprise/{name}", f"/api/v1/enterprise/{{product}}/{name}"):
@@ -86,11 +103,12 @@ def _enterprise(name: str, methods: tuple[str, ...] = ("POST",)):
                     methods=[method],
                     summary=f"{name}: {_SUMMARIES[name]}",
                     include_in_schema=not path.count("{"),
+                    responses=responses or answers(answer),
+                    openapi_extra=body(request) if method == "POST" else query(request),
                 )
         return handler
 
     return register
-
 
 
 # ---- loading models -------------------------------------------------------------------------
@@ -168,20 +186,26 @@ async def _queue_import(
     )
 
 
-@router.post("/api/v3/load_model", tags=["models"], summary="Import a model for this key")
+@router.post(
+    "/api/v3/load_model",
+    tags=["models"],
+    summary="Import a model for this key",
+    responses=answers(wire.ImportStarted),
+    openapi_extra=body(LoadModelBody),
+)
 async def load_model_v3(found: CallerDep):
     state, body, principal = found.state, found.body, found.principal
     return await _queue_import(state, principal, parse_load_model(body), "model load started")
 
 
-@_enterprise("load_model")
-@_enterprise("load_model_v2")
+@_enterprise("load_model", LoadModelBody, wire.ImportStarted)
+@_enterprise("load_model_v2", LoadModelBody, wire.ImportStarted)
 async def load_model(found: AdminDep):
     state, body, principal = found.state, found.body, found.principal
     return await _queue_import(state, principal, parse_load_model(body), "model load started")
 
 
-@_enterprise("load_vae")
+@_enterprise("load_vae", LoadModelBody, wire.ImportStarted)
 async def load_vae(found: AdminDep):
     state, body, principal = found.state, found.body, found.principal
     req = parse_load_model(body, vae=True)
@@ -198,7 +222,7 @@ def _model_id(body: dict, field: str = "model_id") -> str:
     return safe_id(value.strip(), field)
 
 
-@_enterprise("verify_model")
+@_enterprise("verify_model", ModelIdRequest, wire.ModelVerdict)
 async def verify_model(found: AdminDep):
     state, body = found.state, found.body
     model_id = _model_id(body)
@@ -220,7 +244,7 @@ def _model_exists(state: ServerState, model_id: str) -> bool:
     return True
 
 
-@_enterprise("get_all_models")
+@_enterprise("get_all_models", KeyOnly, wire.AllModels)
 async def get_all_models(found: AdminDep):
     state, _body, _principal = found.state, found.body, found.principal
     return {"models": await run_in_threadpool(_all_models, state), "status": "success"}
@@ -260,7 +284,7 @@ def _load_data(timestamp: float) -> str:
     return time.strftime(_LOAD_DATA_FORMAT, time.gmtime(timestamp))
 
 
-@_enterprise("delete_model")
+@_enterprise("delete_model", ModelIdRequest, wire.ModelDeleted)
 async def delete_model(found: AdminDep):
     state, body, _principal = found.state, found.body, found.principal
     model_id = _model_id(body)
@@ -275,7 +299,17 @@ async def delete_model(found: AdminDep):
     return ok("Model deleted on server", model_id=model_id)
 
 
-@_enterprise("model_file", methods=("GET", "POST"))
+@_enterprise(
+    "model_file",
+    ModelIdRequest,
+    None,
+    methods=("GET", "POST"),
+    responses=answers(
+        wire.ErrorAnswer,
+        with_error=False,
+        content={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    ),
+)
 async def model_file(found: AdminDep):
     """The weights file of an imported model, for `sync_models` on another sdserve server."""
     state, body, _principal = found.state, found.body, found.principal
@@ -287,7 +321,7 @@ async def model_file(found: AdminDep):
     return FileResponse(path, media_type="application/octet-stream")
 
 
-@_enterprise("sync_models")
+@_enterprise("sync_models", SyncModelsRequest, wire.ModelsSynced)
 async def sync_models(found: AdminDep):
     """Copy the imported models of another sdserve server, given its URL and admin key."""
     state, body, principal = found.state, found.body, found.principal
@@ -353,7 +387,7 @@ async def sync_models(found: AdminDep):
 # ---- the server -----------------------------------------------------------------------------
 
 
-@_enterprise("system_details")
+@_enterprise("system_details", KeyOnly, wire.SystemDetails)
 @router.post("/api/v6/video/system_details", include_in_schema=False)
 async def system_details(found: AdminDep):
     state, _body, _principal = found.state, found.body, found.principal
@@ -412,15 +446,27 @@ def _memory() -> dict:
         return {}
 
 
-@_enterprise("clear_cache")
+@_enterprise("clear_cache", KeyOnly, wire.MessageAnswer)
 async def clear_cache(found: AdminDep):
     state, _body, _principal = found.state, found.body, found.principal
     await run_in_threadpool(state.control.publish, "clear_cache")
     return ok("Cache cleared successfully")
 
 
-@router.get("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
-@router.post("/api/v5/clear_cache", tags=["utilities"], summary="Unload resident models")
+@router.get(
+    "/api/v5/clear_cache",
+    tags=["utilities"],
+    summary="Unload resident models",
+    responses=answers(wire.MessageAnswer),
+    openapi_extra=query(KeyOnly),
+)
+@router.post(
+    "/api/v5/clear_cache",
+    tags=["utilities"],
+    summary="Unload resident models",
+    responses=answers(wire.MessageAnswer),
+    openapi_extra=body(KeyOnly),
+)
 @router.post("/api/v3/clear_cache", include_in_schema=False)
 @router.post("/api/v6/video/clear_cache", include_in_schema=False)
 async def clear_cache_v5(found: CallerDep):
@@ -430,7 +476,7 @@ async def clear_cache_v5(found: CallerDep):
     return ok("Cache cleared")
 
 
-@_enterprise("clear_queue")
+@_enterprise("clear_queue", KeyOnly, wire.QueueCleared)
 async def clear_queue(found: AdminDep):
     state, _body, _principal = found.state, found.body, found.principal
     ids = await run_in_threadpool(state.store.clear_queue, "Queue cleared by the server operator")
@@ -439,14 +485,14 @@ async def clear_queue(found: AdminDep):
     return ok(f"Queue cleared: {len(ids)} queued requests failed", cleared=len(ids))
 
 
-@_enterprise("restart_server")
+@_enterprise("restart_server", KeyOnly, wire.MessageAnswer)
 async def restart_server(found: AdminDep):
     state, _body, _principal = found.state, found.body, found.principal
     return _restart(state, "server restarting")
 
 
-@_enterprise("update_server")
-@_enterprise("update")
+@_enterprise("update_server", KeyOnly, wire.MessageAnswer)
+@_enterprise("update", KeyOnly, wire.MessageAnswer)
 async def update_server(found: AdminDep):
     """A graceful restart that re-reads the settings (environment and DATA/sdserve.env) and the
     catalogue. It does not replace code: upgrade the package, then call this."""
@@ -468,7 +514,7 @@ def _restart(state: ServerState, message: str):
     return JSONResponse(ok(message), background=BackgroundTask(restart))
 
 
-@_enterprise("update_s3")
+@_enterprise("update_s3", UpdateS3Request, wire.StorageUpdated)
 async def update_s3(found: AdminDep):
     from sdserve.storage.s3config import S3Config
 
@@ -504,6 +550,6 @@ async def update_s3(found: AdminDep):
     return ok("S3 storage updated: new outputs are stored in the bucket", s3=config.redacted())
 
 
-@_enterprise("schedulers_list")
+@_enterprise("schedulers_list", KeyOnly, wire.Schedulers)
 async def schedulers_list(found: AdminDep):
     return {"status": "success", "schedulers": list(SUPPORTED_SCHEDULERS)}

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import CallerDep, authenticate, read_body
 from sdserve.api.envelope import answer, job_meta, message_body
+from sdserve.api.openapi import answers, body, openai_answers
 from sdserve.api.state import ServerState, get_state
 from sdserve.api.submit import queue_spec, wait_until_done
 from sdserve.engine.chat import ChatAnswer
@@ -33,6 +34,7 @@ from sdserve.errors import (
 )
 from sdserve.jobs.keys import Principal
 from sdserve.jobs.views import JobView
+from sdserve.schemas import answers as wire
 from sdserve.schemas import chat as schema
 from sdserve.schemas.common import Context, Dialect
 
@@ -42,20 +44,30 @@ _STREAM_POLL_SECONDS = 0.25  # a worker in another process cannot wake a stream:
 _OPENAI_PREFIXES = ("/api/uncensored-chat/v1", "/uncensored-chat/v1")
 
 router = APIRouter(tags=["chat"])
+# What the OpenAPI document says of the routes (declared only: answers are sent as they are).
+_CHAT_ANSWERS = answers(wire.ChatJobAnswer, with_error=False)
+_UNCENSORED = {"responses": _CHAT_ANSWERS, "openapi_extra": body(schema.UncensoredChatBody)}
 
 
 # ---- ModelsLab: queued chat jobs answered with their text -------------------------------------
 
 
-@router.post("/api/v5/uncensored_chat", summary="uncensored chat (era A)")
-@router.post("/api/v6/llm/uncensored_chat", summary="uncensored chat (era B)")
-@router.post("/api/v1/chat_llm/uncensored_chat", summary="uncensored chat (chat_llm)")
+@router.post("/api/v5/uncensored_chat", summary="uncensored chat (era A)", **_UNCENSORED)
+@router.post("/api/v6/llm/uncensored_chat", summary="uncensored chat (era B)", **_UNCENSORED)
+@router.post(
+    "/api/v1/chat_llm/uncensored_chat", summary="uncensored chat (chat_llm)", **_UNCENSORED
+)
 async def uncensored_chat(found: CallerDep):
     spec = await run_in_threadpool(schema.uncensored_chat, found.body, _context(found))
     return await _submit_and_answer(found.state, found.principal, spec)
 
 
-@router.post("/api/v1/chat_llm/chat", summary="chat: a prompt, answered or queued")
+@router.post(
+    "/api/v1/chat_llm/chat",
+    summary="chat: a prompt, answered or queued",
+    responses=_CHAT_ANSWERS,
+    openapi_extra=body(schema.ChatLlmBody),
+)
 async def chat_llm(found: CallerDep):
     history: list[dict[str, str]] = []
     if found.body.get("chat_id") not in (None, ""):
@@ -67,13 +79,23 @@ async def chat_llm(found: CallerDep):
     return await _submit_and_answer(found.state, found.principal, spec)
 
 
-@router.post("/api/v1/chat_llm/get_queued_response", summary="the answer of a queued chat")
+@router.post(
+    "/api/v1/chat_llm/get_queued_response",
+    summary="the answer of a queued chat",
+    responses=_CHAT_ANSWERS,
+    openapi_extra=body(schema.ChatIdBody),
+)
 async def get_queued_response(found: CallerDep):
     job = await _own_chat(found.state, found.principal, found.body)
     return answer(await run_in_threadpool(_chat_body, found.state, job))
 
 
-@router.post("/api/v1/chat_llm/get_chat", summary="a chat's conversation so far")
+@router.post(
+    "/api/v1/chat_llm/get_chat",
+    summary="a chat's conversation so far",
+    responses=answers(wire.ChatConversation),
+    openapi_extra=body(schema.ChatIdBody),
+)
 async def get_chat(found: CallerDep):
     job = await _own_chat(found.state, found.principal, found.body)
     return answer(
@@ -403,9 +425,9 @@ def _add_openai_routes() -> None:
 
     for prefix in _OPENAI_PREFIXES:
         hidden = not prefix.startswith("/api")  # one operation id per verb in the schema
-        for verb, endpoint in (
-            ("chat/completions", chat_completions),
-            ("completions", completions),
+        for verb, endpoint, request, ok in (
+            ("chat/completions", chat_completions, schema.ChatCompletionBody, wire.ChatCompletion),
+            ("completions", completions, schema.CompletionBody, wire.TextCompletion),
         ):
             router.add_api_route(
                 f"{prefix}/{verb}",
@@ -413,6 +435,8 @@ def _add_openai_routes() -> None:
                 methods=["POST"],
                 summary=f"OpenAI-compatible {verb}",
                 include_in_schema=not hidden,
+                responses=openai_answers(ok, wire.OpenAIError, stream=True),
+                openapi_extra=body(request),
             )
         router.add_api_route(
             f"{prefix}/models",
@@ -420,12 +444,15 @@ def _add_openai_routes() -> None:
             methods=["GET"],
             summary="OpenAI-compatible model list",
             include_in_schema=not hidden,
+            responses=openai_answers(wire.ModelCards, wire.OpenAIError),
         )
     router.add_api_route(
         "/api/v7/llm/chat/completions",
         v7_chat_completions,
         methods=["POST"],
         summary="chat completions (v7)",
+        responses=openai_answers(wire.V7ChatCompletion, wire.V7Error, stream=True),
+        openapi_extra=body(schema.ChatCompletionBody),
     )
 
 

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import AdminDep, CallerDep
 from sdserve.api.envelope import job_meta, ok
+from sdserve.api.openapi import answers, body, query
 from sdserve.api.state import ServerState
 from sdserve.engine.schedulers import SUPPORTED_SCHEDULERS
 from sdserve.errors import JobNotFound, ValidationFailed
@@ -30,6 +31,8 @@ from sdserve.jobs.history import (
     webhook_deliveries,
 )
 from sdserve.jobs.views import JobView
+from sdserve.schemas import answers as wire
+from sdserve.schemas.admin import JobsQuery, KeyOnly, KeyPlanRequest, NewKeyRequest
 
 CONSOLE_DIR = Path(str(files("sdserve") / "console"))
 STATIC_URL = "/console-static"
@@ -81,7 +84,12 @@ def job_summary(state: ServerState, job: JobView, with_owner: bool = False) -> d
 # ---- the caller and the pickers -----------------------------------------------------------------
 
 
-@router.get("/api/v1/me", summary="Who this key is: admin or not, plan and usage")
+@router.get(
+    "/api/v1/me",
+    summary="Who this key is: admin or not, plan and usage",
+    responses=answers(wire.Me),
+    openapi_extra=query(KeyOnly),
+)
 async def me(found: CallerDep):
     state, principal = found.state, found.principal
     used = await run_in_threadpool(state.store.usage, principal.key_id) if principal.key_id else 0
@@ -95,7 +103,12 @@ async def me(found: CallerDep):
     }
 
 
-@router.get("/api/v1/console/options", summary="Models, LoRAs and schedulers for pickers")
+@router.get(
+    "/api/v1/console/options",
+    summary="Models, LoRAs and schedulers for pickers",
+    responses=answers(wire.ConsoleOptions),
+    openapi_extra=query(KeyOnly),
+)
 async def options(found: CallerDep):
     state, owner = found.state, found.principal.owner
     return await run_in_threadpool(_options, state, owner)
@@ -166,7 +179,10 @@ def _history_filter(owner: str, body: dict) -> HistoryFilter:
 
 
 @router.get(
-    "/api/v1/jobs", summary="This key's jobs, newest first (filters: kind, status, model_id)"
+    "/api/v1/jobs",
+    summary="This key's jobs, newest first (filters: kind, status, model_id)",
+    responses=answers(wire.Jobs),
+    openapi_extra=query(JobsQuery),
 )
 async def jobs(found: CallerDep):
     state, principal = found.state, found.principal
@@ -179,7 +195,12 @@ async def jobs(found: CallerDep):
     }
 
 
-@router.get("/api/v1/jobs/{job_id}", summary="One job: request, meta, timings, webhook deliveries")
+@router.get(
+    "/api/v1/jobs/{job_id}",
+    summary="One job: request, meta, timings, webhook deliveries",
+    responses=answers(wire.JobDetails),
+    openapi_extra=query(KeyOnly),
+)
 async def job_detail(found: CallerDep, job_id: str):
     state, principal = found.state, found.principal
     job = await run_in_threadpool(state.store.get, _job_id(job_id), principal.owner)
@@ -205,7 +226,12 @@ def _detail(state: ServerState, job: JobView, is_admin: bool) -> dict:
     return {"status": "success", "job": detail}
 
 
-@router.delete("/api/v1/jobs/{job_id}", summary="Delete a finished job's outputs and hide it")
+@router.delete(
+    "/api/v1/jobs/{job_id}",
+    summary="Delete a finished job's outputs and hide it",
+    responses=answers(wire.JobDone),
+    openapi_extra=query(KeyOnly),
+)
 async def delete_job(found: CallerDep, job_id: str):
     state, principal, number = found.state, found.principal, _job_id(job_id)
     keys = await run_in_threadpool(state.store.drop_outputs, number, principal.owner)
@@ -215,7 +241,12 @@ async def delete_job(found: CallerDep, job_id: str):
     return ok("Job deleted", id=number)
 
 
-@router.post("/api/v1/jobs/{job_id}/cancel", summary="Cancel a queued or running job")
+@router.post(
+    "/api/v1/jobs/{job_id}/cancel",
+    summary="Cancel a queued or running job",
+    responses=answers(wire.JobDone),
+    openapi_extra=body(KeyOnly),
+)
 async def cancel(found: CallerDep, job_id: str):
     """A key cancels its own jobs; the admin key any job."""
     state, principal = found.state, found.principal
@@ -227,7 +258,12 @@ async def cancel(found: CallerDep, job_id: str):
     return ok("Job cancelled", id=job.id)
 
 
-@router.get("/api/v1/trainings", summary="This key's trainings: stage and step progress")
+@router.get(
+    "/api/v1/trainings",
+    summary="This key's trainings: stage and step progress",
+    responses=answers(wire.ConsoleTrainings),
+    openapi_extra=query(KeyOnly),
+)
 async def trainings(found: CallerDep):
     state, owner = found.state, found.principal.owner
 
@@ -252,7 +288,12 @@ async def trainings(found: CallerDep):
 # ---- the admin's view -----------------------------------------------------------------------
 
 
-@router.get("/api/v1/admin/queue", summary="Queued and running jobs of every key")
+@router.get(
+    "/api/v1/admin/queue",
+    summary="Queued and running jobs of every key",
+    responses=answers(wire.AdminQueue),
+    openapi_extra=query(KeyOnly),
+)
 async def admin_queue(found: AdminDep):
     state = found.state
     views = await run_in_threadpool(
@@ -271,7 +312,12 @@ async def admin_queue(found: AdminDep):
     return {"status": "success", "jobs": listed}
 
 
-@router.get("/api/v1/admin/workers", summary="Workers: device, resident models, state, batch")
+@router.get(
+    "/api/v1/admin/workers",
+    summary="Workers: device, resident models, state, batch",
+    responses=answers(wire.AdminWorkers),
+    openapi_extra=query(KeyOnly),
+)
 async def admin_workers(found: AdminDep):
     state = found.state
     workers = await run_in_threadpool(state.control.workers)
@@ -297,12 +343,22 @@ async def admin_workers(found: AdminDep):
     return {"status": "success", "workers": listed}
 
 
-@router.post("/api/v1/admin/workers/{worker_id}/drain", summary="Stop a worker claiming jobs")
+@router.post(
+    "/api/v1/admin/workers/{worker_id}/drain",
+    summary="Stop a worker claiming jobs",
+    responses=answers(wire.WorkerOrdered),
+    openapi_extra=body(KeyOnly),
+)
 async def drain_worker(found: AdminDep, worker_id: str):
     return await _order_worker(found, worker_id, "drain")
 
 
-@router.post("/api/v1/admin/workers/{worker_id}/resume", summary="Let a drained worker claim again")
+@router.post(
+    "/api/v1/admin/workers/{worker_id}/resume",
+    summary="Let a drained worker claim again",
+    responses=answers(wire.WorkerOrdered),
+    openapi_extra=body(KeyOnly),
+)
 async def resume_worker(found: AdminDep, worker_id: str):
     return await _order_worker(found, worker_id, "resume")
 
@@ -316,7 +372,12 @@ async def _order_worker(found, worker_id: str, command: str) -> dict:
     return ok(f"Worker {worker_id}: {command} sent", worker_id=worker_id)
 
 
-@router.get("/api/v1/admin/throughput", summary="Images/s and queue depth per minute, last hour")
+@router.get(
+    "/api/v1/admin/throughput",
+    summary="Images/s and queue depth per minute, last hour",
+    responses=answers(wire.Throughput),
+    openapi_extra=query(KeyOnly),
+)
 async def throughput(found: AdminDep):
     state = found.state
     series = await run_in_threadpool(throughput_series, state.store, time.time())
@@ -333,7 +394,12 @@ def _key_id(raw: str) -> int:
     return key_id
 
 
-@router.get("/api/v1/admin/keys", summary="Every key: prefix, label, plan, usage this month")
+@router.get(
+    "/api/v1/admin/keys",
+    summary="Every key: prefix, label, plan, usage this month",
+    responses=answers(wire.AdminKeys),
+    openapi_extra=query(KeyOnly),
+)
 async def list_keys(found: AdminDep):
     state = found.state
 
@@ -346,7 +412,12 @@ async def list_keys(found: AdminDep):
     return {"status": "success", "keys": await run_in_threadpool(listing)}
 
 
-@router.post("/api/v1/admin/keys", summary="Create a key (shown once)")
+@router.post(
+    "/api/v1/admin/keys",
+    summary="Create a key (shown once)",
+    responses=answers(wire.KeyCreated),
+    openapi_extra=body(NewKeyRequest),
+)
 async def create_key(found: AdminDep):
     state, body = found.state, found.body
     label = str(body.get("label") or "").strip()[:200]
@@ -357,7 +428,12 @@ async def create_key(found: AdminDep):
     return ok("Key created: it is shown this once", key=key, prefix=key[:8], plan=plan)
 
 
-@router.post("/api/v1/admin/keys/{key_id}/revoke", summary="Revoke a key")
+@router.post(
+    "/api/v1/admin/keys/{key_id}/revoke",
+    summary="Revoke a key",
+    responses=answers(wire.JobDone),
+    openapi_extra=body(KeyOnly),
+)
 async def revoke_key(found: AdminDep, key_id: str):
     key_id = _key_id(key_id)
     if not await run_in_threadpool(found.state.keys.revoke_id, key_id):
@@ -365,7 +441,12 @@ async def revoke_key(found: AdminDep, key_id: str):
     return ok("Key revoked", id=key_id)
 
 
-@router.post("/api/v1/admin/keys/{key_id}/plan", summary="Put a key on a plan")
+@router.post(
+    "/api/v1/admin/keys/{key_id}/plan",
+    summary="Put a key on a plan",
+    responses=answers(wire.KeyPlanSet),
+    openapi_extra=body(KeyPlanRequest),
+)
 async def key_plan(found: AdminDep, key_id: str):
     state, body, key_id = found.state, found.body, _key_id(key_id)
     plan = str(body.get("plan") or "").strip() or None

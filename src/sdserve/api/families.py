@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from sdserve.api import fetch
 from sdserve.api.deps import AdminDep, Caller, CallerDep
 from sdserve.api.envelope import answer
+from sdserve.api.openapi import body
 from sdserve.api.submit import submit_spec
 from sdserve.families import Family
 from sdserve.schemas.common import Context, Route
@@ -17,11 +18,19 @@ from sdserve.schemas.common import Context, Route
 def family_router(families: tuple[Family, ...]) -> APIRouter:
     """Every family's routes, and a fetch route at each of its dialects' fetch paths."""
     router = APIRouter()
-    fetch_paths = {r.dialect.fetch_path.replace("{id}", "{job_id}") for f in families for r in f.routes}
+    fetch_paths = {
+        r.dialect.fetch_path.replace("{id}", "{job_id}") for f in families for r in f.routes
+    }
     for path in sorted(fetch_paths - set(fetch.ID_PATHS)):
         for method in ("POST", "GET"):  # one route per method: each its own operation id
             router.add_api_route(
-                path, fetch.fetch_by_path, methods=[method], summary="Fetch a job", tags=["fetch"]
+                path,
+                fetch.fetch_by_path,
+                methods=[method],
+                summary="Fetch a job",
+                tags=["fetch"],
+                responses=fetch.ANSWERS,
+                openapi_extra=fetch.BY_PATH[method],
             )
     for family in families:
         for route in family.routes:
@@ -31,7 +40,9 @@ def family_router(families: tuple[Family, ...]) -> APIRouter:
                 methods=["POST"],
                 summary=route.summary,
                 tags=list(route.tags) or [family.name],
-                openapi_extra=_body_schema(route),
+                # Every family answers a job's envelope (declared once, here, for all of them).
+                responses=fetch.ANSWERS,
+                openapi_extra=body(route.request),
                 include_in_schema=not route.hidden,
             )
     return router
@@ -55,12 +66,3 @@ def _endpoint(route: Route):
         return await submit(found)
 
     return submit_as_key
-
-
-def _body_schema(route: Route) -> dict:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": route.request.model_json_schema()}},
-        }
-    }

@@ -8,9 +8,12 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import Caller, CallerDep
 from sdserve.api.envelope import answer, job_body
+from sdserve.api.openapi import answers, body, query
 from sdserve.api.submit import job_response
 from sdserve.errors import JobNotFound
 from sdserve.ids import parse_job_id
+from sdserve.schemas.admin import FetchRequest, KeyOnly
+from sdserve.schemas.answers import JobAnswer
 
 router = APIRouter(tags=["fetch"])
 
@@ -57,11 +60,28 @@ async def fetch_by_request_id(found: CallerDep):
     return await _fetch(found, None)
 
 
+# What the OpenAPI document says of each form (declared only: the answer is sent as it is).
+ANSWERS = answers(JobAnswer, with_error=False)
+BY_PATH = {"POST": body(KeyOnly), "GET": query(KeyOnly)}
+BY_REQUEST_ID = {"POST": body(FetchRequest), "GET": query(FetchRequest)}
+
 # One route per method, so that each gets its own OpenAPI operation id.
 for _method in ("POST", "GET"):
     for _path in ID_PATHS:
-        router.add_api_route(_path, fetch_by_path, methods=[_method], summary="Fetch a job")
+        router.add_api_route(
+            _path,
+            fetch_by_path,
+            methods=[_method],
+            summary="Fetch a job",
+            responses=ANSWERS,
+            openapi_extra=BY_PATH[_method],
+        )
     for _path in REQUEST_ID_PATHS:
         router.add_api_route(
-            _path, fetch_by_request_id, methods=[_method], summary="Fetch a job by request_id"
+            _path,
+            fetch_by_request_id,
+            methods=[_method],
+            summary="Fetch a job by request_id",
+            responses=ANSWERS,
+            openapi_extra=BY_REQUEST_ID[_method],
         )

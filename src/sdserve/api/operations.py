@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.failures import internal_error_count
+from sdserve.api.openapi import answers
 from sdserve.api.state import ServerState, get_state
 from sdserve.errors import SdserveError
 from sdserve.extras import require
 from sdserve.jobs.stats import deployment_snapshot
+from sdserve.schemas.answers import Health, OperationError, Readiness
 
 router = APIRouter(tags=["operations"])
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
@@ -22,13 +24,24 @@ _RECENT_SECONDS = 3600.0
 _RECENT_JOBS = 5000  # the newest finished jobs the timing metrics are computed over
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    responses=answers(Health, with_error=False),
+)
 async def healthz():
     """The process is up (liveness)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database, storage and a worker")
+@router.get(
+    "/readyz",
+    summary="Readiness: database, storage and a worker",
+    responses={
+        200: {"model": Readiness, "description": "Ready"},
+        503: {"model": Readiness, "description": "Not ready"},
+    },
+)
 async def readyz(request: Request):
     """The database and the output storage answer (readiness: send traffic here)."""
     state = get_state(request)
@@ -53,7 +66,17 @@ def _readiness(state: ServerState) -> dict[str, str]:
     return checks
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+_METRICS_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    responses={
+        200: {"description": "The metrics, in Prometheus' text format", "content": _METRICS_TEXT},
+        "5XX": {"model": OperationError, "description": "prometheus-client is not installed"},
+    },
+)
 async def metrics(request: Request):
     state = get_state(request)
     try:

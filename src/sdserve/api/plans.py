@@ -12,7 +12,16 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import CallerDep
 from sdserve.api.envelope import ok
+from sdserve.api.openapi import answers, body, query
 from sdserve.errors import InvalidKey, InvalidRequest, ValidationFailed
+from sdserve.schemas import answers as wire
+from sdserve.schemas.admin import (
+    BuyModelRequest,
+    BuySubscriptionRequest,
+    CancelSubscriptionRequest,
+    KeyOnly,
+    PlansRequest,
+)
 
 router = APIRouter(tags=["plans"])
 
@@ -31,7 +40,12 @@ def _optional_int(body: dict, field: str, errors: dict) -> int | None:
         return None
 
 
-@router.post("/api/v3/buy_subscription", summary="Get a new key on a plan")
+@router.post(
+    "/api/v3/buy_subscription",
+    summary="Get a new key on a plan",
+    responses=answers(wire.SubscriptionBought),
+    openapi_extra=body(BuySubscriptionRequest),
+)
 async def buy_subscription(found: CallerDep):
     state, body, principal = found.state, found.body, found.principal
     name = str(body.get("plan_name") or "").strip()
@@ -48,7 +62,12 @@ async def buy_subscription(found: CallerDep):
     )
 
 
-@router.post("/api/v3/cancel_subscription", summary="Revoke a key bought on a plan")
+@router.post(
+    "/api/v3/cancel_subscription",
+    summary="Revoke a key bought on a plan",
+    responses=answers(wire.MessageAnswer),
+    openapi_extra=body(CancelSubscriptionRequest),
+)
 async def cancel_subscription(found: CallerDep):
     state, body, principal = found.state, found.body, found.principal
     target = str(body.get("key_to_cancel") or "").strip()
@@ -59,7 +78,12 @@ async def cancel_subscription(found: CallerDep):
     return ok("subscription cancelled successfully")
 
 
-@router.post("/api/v3/dreambooth/buy_model", summary="Add trainings to a key's allowance")
+@router.post(
+    "/api/v3/dreambooth/buy_model",
+    summary="Add trainings to a key's allowance",
+    responses=answers(wire.ModelsBought),
+    openapi_extra=body(BuyModelRequest),
+)
 async def buy_model(found: CallerDep):
     """More trained models for the key: for self-service plans, or any key given by the admin."""
     state, body, principal = found.state, found.body, found.principal
@@ -85,8 +109,18 @@ async def buy_model(found: CallerDep):
     )
 
 
-@router.get("/api/subscribed_products", summary="A key's plan and monthly usage")
-@router.post("/api/subscribed_products", summary="A key's plan and monthly usage")
+@router.get(
+    "/api/subscribed_products",
+    summary="A key's plan and monthly usage",
+    responses=answers(wire.SubscribedProducts),
+    openapi_extra=query(KeyOnly),
+)
+@router.post(
+    "/api/subscribed_products",
+    summary="A key's plan and monthly usage",
+    responses=answers(wire.SubscribedProducts),
+    openapi_extra=body(KeyOnly),
+)
 async def subscribed_products(found: CallerDep):
     state, _body, principal = found.state, found.body, found.principal
     used = await run_in_threadpool(state.store.usage, principal.key_id) if principal.key_id else 0
@@ -102,7 +136,11 @@ async def subscribed_products(found: CallerDep):
 
 
 @router.post(
-    "/api/v1/enterprise/plans", tags=["enterprise"], summary="List, create or change plans"
+    "/api/v1/enterprise/plans",
+    tags=["enterprise"],
+    summary="List, create or change plans",
+    responses=answers(wire.Plans),
+    openapi_extra=body(PlansRequest),
 )
 async def plans(found: CallerDep):
     """List the plans; with `plan_name`, create or change that plan first."""

@@ -10,10 +10,13 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import CallerDep
 from sdserve.api.envelope import ok
+from sdserve.api.openapi import answers, body
 from sdserve.api.state import get_state
 from sdserve.api.submit import queue_spec
 from sdserve.engine.batching import batch_key
 from sdserve.errors import ValidationFailed
+from sdserve.schemas import answers as wire
+from sdserve.schemas.admin import KeyOnly, ModelIdRequest
 from sdserve.schemas.common import JobSpec
 from sdserve.schemas.images import COMMUNITY
 from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
@@ -21,7 +24,13 @@ from sdserve.storage.local import PUBLIC_FOLDERS, InvalidStorageKey
 router = APIRouter()
 
 
-@router.post("/api/v3/system_load", tags=["v3"], summary="Queue length and wait")
+@router.post(
+    "/api/v3/system_load",
+    tags=["v3"],
+    summary="Queue length and wait",
+    responses=answers(wire.SystemLoad),
+    openapi_extra=body(KeyOnly),
+)
 async def system_load(found: CallerDep):
     state = found.state
     queue_num, queue_time = await run_in_threadpool(state.store.queue_stats)
@@ -37,7 +46,11 @@ _LIST_STATUS = {
 
 
 @router.post(
-    "/api/v4/dreambooth/model_list", tags=["community"], summary="List the models (bare array)"
+    "/api/v4/dreambooth/model_list",
+    tags=["community"],
+    summary="List the models (bare array)",
+    responses=answers(list[wire.ModelListEntry]),
+    openapi_extra=body(KeyOnly),
 )
 @router.post("/api/v3/model_list", tags=["community"], include_in_schema=False)
 @router.post("/api/v3/dreambooth/model_list", tags=["community"], include_in_schema=False)
@@ -72,10 +85,15 @@ def _list_entry(model: dict) -> dict:
     return entry
 
 
-@router.post(
-    "/api/v4/dreambooth/model_reload", tags=["community"], summary="Load a model ahead of use"
-)
-@router.post("/api/v6/images/model_reload", tags=["images"], summary="Load a model ahead of use")
+_MODEL_RELOAD = {
+    "summary": "Load a model ahead of use",
+    "responses": answers(wire.ReloadStarted),
+    "openapi_extra": body(ModelIdRequest),
+}
+
+
+@router.post("/api/v4/dreambooth/model_reload", tags=["community"], **_MODEL_RELOAD)
+@router.post("/api/v6/images/model_reload", tags=["images"], **_MODEL_RELOAD)
 async def model_reload(found: CallerDep):
     """Queue a load of the model on a worker, so the next generation finds it resident."""
     state, body, principal = found.state, found.body, found.principal

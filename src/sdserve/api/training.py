@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserve.api.deps import Caller, CallerDep
 from sdserve.api.envelope import message_body, ok
+from sdserve.api.openapi import answers, body, query
 from sdserve.api.state import ServerState
 from sdserve.api.submit import queue_spec
 from sdserve.engine.batching import solo_key
@@ -19,6 +20,8 @@ from sdserve.ids import is_token_id
 from sdserve.jobs.keys import Principal
 from sdserve.jobs.store import JobView
 from sdserve.jobs.trainings import TrainingNotFound
+from sdserve.schemas import answers as wire
+from sdserve.schemas.admin import KeyOnly
 from sdserve.schemas.common import Dialect, Input, JobSpec
 from sdserve.schemas.training import (
     TrainingKind,
@@ -29,12 +32,6 @@ from sdserve.schemas.training import (
 
 router = APIRouter(tags=["training"])
 
-_BODY_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": TrainingRequest.model_json_schema()}},
-    }
-}
 _WAIT_TEXT = {
     "lora": "it will take upto 30 minutes.",
     "dreambooth": "it will take upto 25 minutes.",
@@ -173,7 +170,12 @@ async def delete_training(found: CallerDep, training_id: str):
     return ok("Training deleted", training_id=training_id)
 
 
-@router.post("/api/v3/finetune_list", summary="List this key's trainings")
+@router.post(
+    "/api/v3/finetune_list",
+    summary="List this key's trainings",
+    responses=answers(wire.Trainings),
+    openapi_extra=body(KeyOnly),
+)
 async def finetune_list(found: CallerDep):
     state, principal = _caller(found)
     trainings = await run_in_threadpool(state.store.list_trainings, principal.owner)
@@ -203,7 +205,8 @@ for _path, _kind, _summary in (
         _make_create(_kind),
         methods=["POST"],
         summary=_summary,
-        openapi_extra=_BODY_SCHEMA,
+        responses=answers(wire.TrainingStarted),
+        openapi_extra=body(TrainingRequest),
     )
 for _path in (
     "/api/v3/fine_tune_status/{training_id}",
@@ -211,11 +214,28 @@ for _path in (
 ):
     for _method in ("POST", "GET"):  # a route each: distinct OpenAPI operation ids
         router.add_api_route(
-            _path, training_status, methods=[_method], summary="A training's stage and log"
+            _path,
+            training_status,
+            methods=[_method],
+            summary="A training's stage and log",
+            responses=answers(wire.TrainingStatus),
+            openapi_extra=body(KeyOnly) if _method == "POST" else query(KeyOnly),
         )
 for _path in ("/api/v3/cancle_training/{training_id}", "/api/v3/cancel_training/{training_id}"):
-    router.add_api_route(_path, cancel_training, methods=["POST"], summary="Cancel a training")
+    router.add_api_route(
+        _path,
+        cancel_training,
+        methods=["POST"],
+        summary="Cancel a training",
+        responses=answers(wire.TrainingDone),
+        openapi_extra=body(KeyOnly),
+    )
 for _path in ("/api/v3/finetune/delete/{training_id}", "/api/v3/delete/{training_id}"):
     router.add_api_route(
-        _path, delete_training, methods=["POST"], summary="Delete a training and what it made"
+        _path,
+        delete_training,
+        methods=["POST"],
+        summary="Delete a training and what it made",
+        responses=answers(wire.TrainingDone),
+        openapi_extra=body(KeyOnly),
     )

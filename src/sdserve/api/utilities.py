@@ -16,12 +16,22 @@ from starlette.concurrency import run_in_threadpool
 from sdserve.api.chaining import OwnOutputs
 from sdserve.api.deps import CallerDep
 from sdserve.api.envelope import ok
+from sdserve.api.openapi import answers, body
 from sdserve.api.state import ServerState
 from sdserve.engine.prompt_filter import check_prompt
 from sdserve.engine.safety import NsfwChecker
 from sdserve.errors import InvalidKey, JobNotFound, ValidationFailed
 from sdserve.ids import is_decimal, parse_job_id
 from sdserve.media.images import decode_base64_image, encode_png, load_image_input
+from sdserve.schemas import answers as wire
+from sdserve.schemas.admin import (
+    Base64CropRequest,
+    Base64ToUrlRequest,
+    DeleteImageRequest,
+    NsfwImageCheckRequest,
+    PromptCheckRequest,
+    UploadImageRequest,
+)
 
 router = APIRouter(tags=["utilities"])
 _BASE64_TO_URL_LIMIT = 5 * 1024 * 1024  # the hosted API's 5 MB
@@ -42,7 +52,12 @@ async def _store_png(state: ServerState, owner: str, image: Image.Image, folder:
     return job, state.output_url(key)
 
 
-@router.post("/api/v3/base64_crop", summary="Store a base64 image (centre-cropped)")
+@router.post(
+    "/api/v3/base64_crop",
+    summary="Store a base64 image (centre-cropped)",
+    responses=answers(wire.ImageStored),
+    openapi_extra=body(Base64CropRequest),
+)
 async def base64_crop(found: CallerDep):
     """Store an image (a data URL); with crop, its centre square at 512x512, as training wants."""
     state, body, principal = found.state, found.body, found.principal
@@ -54,7 +69,12 @@ async def base64_crop(found: CallerDep):
     return ok(message, link=url, request_id=job.id)
 
 
-@router.post("/api/v6/base64_to_url", summary="Turn a base64 image into a temporary URL")
+@router.post(
+    "/api/v6/base64_to_url",
+    summary="Turn a base64 image into a temporary URL",
+    responses=answers(wire.TemporaryUrl),
+    openapi_extra=body(Base64ToUrlRequest),
+)
 async def base64_to_url(found: CallerDep):
     """A temporary URL (24 h, like `temp` outputs) for a base64 image."""
     state, body, principal = found.state, found.body, found.principal
@@ -67,7 +87,11 @@ async def base64_to_url(found: CallerDep):
 
 
 @router.post(
-    "/api/v1/enterprise/upload_image", tags=["enterprise"], summary="Upload a base64 image"
+    "/api/v1/enterprise/upload_image",
+    tags=["enterprise"],
+    summary="Upload a base64 image",
+    responses=answers(wire.ImageUploaded),
+    openapi_extra=body(UploadImageRequest),
 )
 @router.post("/api/v1/enterprise/{product}/upload_image", include_in_schema=False)
 async def upload_image(found: CallerDep):
@@ -88,7 +112,12 @@ async def upload_image(found: CallerDep):
     return ok(message, image_url=state.output_url(key), id=job.id)
 
 
-@router.post("/api/v3/delete_image", summary="Delete a request's images")
+@router.post(
+    "/api/v3/delete_image",
+    summary="Delete a request's images",
+    responses=answers(wire.MessageAnswer),
+    openapi_extra=body(DeleteImageRequest),
+)
 async def delete_image(found: CallerDep):
     """Delete an uploaded image, or a finished request's outputs, by request id."""
     state, body, principal = found.state, found.body, found.principal
@@ -114,10 +143,15 @@ async def delete_image(found: CallerDep):
     return ok(message)
 
 
-@router.post("/api/v3/nsfw_image_check", summary="Check an image for nudity")
-@router.post(
-    "/api/v1/enterprise/nsfw_image_check", tags=["enterprise"], summary="Check an image for nudity"
-)
+_NSFW_CHECK = {
+    "summary": "Check an image for nudity",
+    "responses": answers(wire.NsfwVerdict),
+    "openapi_extra": body(NsfwImageCheckRequest),
+}
+
+
+@router.post("/api/v3/nsfw_image_check", **_NSFW_CHECK)
+@router.post("/api/v1/enterprise/nsfw_image_check", tags=["enterprise"], **_NSFW_CHECK)
 @router.post("/api/v1/enterprise/{product}/nsfw_image_check", include_in_schema=False)
 async def nsfw_image_check(request: Request, found: CallerDep):
     """NudeNet's verdict on one image; the exact hosted shape (no `status` field)."""
@@ -138,7 +172,12 @@ async def nsfw_image_check(request: Request, found: CallerDep):
     return {"images": url, "has_nsfw_concept": [flagged]}
 
 
-@router.post("/api/check_nsfw_cp", summary="Check a prompt against the word lists")
+@router.post(
+    "/api/check_nsfw_cp",
+    summary="Check a prompt against the word lists",
+    responses=answers(wire.PromptVerdict),
+    openapi_extra=body(PromptCheckRequest),
+)
 async def check_nsfw_cp(found: CallerDep):
     """A word-list check of a prompt (see sdserve.engine.prompt_filter for what it is, and is not)."""
     _state, body, _principal = found.state, found.body, found.principal

@@ -33,7 +33,7 @@ export async function operations() {
     const op = methods.post;
     const schema = op?.requestBody?.content?.["application/json"]?.schema;
     if (!schema || !schema.properties || path.includes("{")) continue;
-    const enterprise = path.startsWith("/api/v1/enterprise");
+    const enterprise = path.startsWith("/api/v1/enterprise") || path.startsWith("/api/v1/admin"); // admin only
     const name = (op.summary || path).split(" (")[0].trim();
     const rank = enterprise ? 99 : PATH_PREFERENCE.findIndex((p) => path.startsWith(p));
     const known = byName.get(name);

@@ -156,7 +156,12 @@ class EmbeddedChat:
 
     def prompt_ids(self, p: ChatParams) -> list[int]:
         if p.messages is None:
-            return self.tokenizer(p.prompt or "", add_special_tokens=True).input_ids
+            ids = self.tokenizer(p.prompt or "", add_special_tokens=True).input_ids
+            if not ids:  # an empty prompt with no BOS added: start where a text starts
+                start = self.tokenizer.bos_token_id
+                start = self.tokenizer.eos_token_id if start is None else start
+                ids = [] if start is None else [start]
+            return ids
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(
                 p.messages, add_generation_prompt=True, tokenize=False
@@ -173,6 +178,8 @@ class EmbeddedChat:
         """The answer to `p`; `on_piece(text, tokens_so_far)` is called as text is made."""
         # 1. the prompt, within the model's context
         prompt = self.prompt_ids(p)
+        if not prompt:
+            raise ChatTooLong("The prompt is empty, and this model has no token to start from.")
         room = self.context - len(prompt)
         if room < 1:
             raise ChatTooLong(

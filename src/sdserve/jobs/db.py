@@ -108,7 +108,8 @@ class ApiKey(Base):
 
 
 class StepTiming(Base):
-    """Measured seconds per work unit for a model, smoothed; drives `eta` and `queue_time`."""
+    """Measured seconds per work unit for a model, or for a shape of work (`shape:<batch key>`),
+    smoothed; drives `eta` and `queue_time`."""
 
     __tablename__ = "step_timings"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from sdserve.jobs.db import (
@@ -13,11 +13,13 @@ from sdserve.jobs.db import (
     WorkerRecord,
 )
 from sdserve.jobs.eta import (
+    SHAPE_PREFIX,
     STEP_FLOOR_UNITS,
     Estimator,
     ModelTiming,
     Pending,
     eta_units,
+    shape_key,
     timing_key,
 )
 from sdserve.jobs.views import (
@@ -34,9 +36,8 @@ _ETA_UNITS = case(
     (Job.cost > STEP_FLOOR_UNITS * Job.total_steps, Job.cost),
     else_=STEP_FLOOR_UNITS * Job.total_steps,
 )
+_SHAPE_MEMORY_SECONDS = 86400.0  # however many sizes clients send, a day's worth is read
 _BATCH_PULL = 7  # later jobs a batch can take along (the default max_batch_size, less one)
-
-
 
 
 class Estimates:
@@ -56,9 +57,10 @@ class Estimates:
                     )
                 ).one()
             count, cost = max(count, 1), max(cost, units)
-            loop = Pending(job.model_id, key, cost / count, left, loading)
+            shape = shape_key(job.batch_key)
+            loop = Pending(job.model_id, key, cost / count, left, loading, shape)
             eta = estimator.running(loop) + (count - 1) * estimator.running(
-                Pending(job.model_id, key, cost / count, left)
+                Pending(job.model_id, key, cost / count, left, shape=shape)
             )
             return QueueInfo(0, round(eta, 2))
         before = Job.id < job.id
@@ -68,6 +70,7 @@ class Estimates:
                     Job.batch_key,
                     Job.model_id,
                     Job.kind,
+                    func.min(Job.id),
                     func.count(case((before, 1))),
                     func.coalesce(func.sum(case((before, _ETA_UNITS), else_=0.0)), 0.0),
                     func.count(case((Job.id > job.id, 1))),
@@ -77,9 +80,9 @@ class Estimates:
                 .group_by(Job.batch_key, Job.model_id, Job.kind)
             ).all()
             running = s.execute(
-                select(Job.model_id, Job.kind, _ETA_UNITS, Job.step, Job.total_steps).where(
-                    Job.status == "processing"
-                )
+                select(
+                    Job.model_id, Job.kind, _ETA_UNITS, Job.step, Job.total_steps, Job.batch_key
+                ).where(Job.status == "processing")
             ).all()
         ahead = [
             Pending(
@@ -88,27 +91,35 @@ class Estimates:
                 cost,
                 1 - (step / total if total else 0),
                 step == 0 and model_id not in estimator.resident,
+                shape_key(batch_key),
             )
-            for model_id, kind, cost, step, total in running
+            for model_id, kind, cost, step, total, batch_key in running
         ]
-        batches_ahead = {row[0] for row in queued if row[3]} | {job.batch_key}
+        # A worker claims the oldest queued job and the queued jobs of its batch: batches run in
+        # the order of their oldest job. This job runs in its batch's loop, so a batch whose
+        # oldest job is younger than that runs after it, however old its other jobs.
+        own_first = min((row[3] for row in queued if row[0] == job.batch_key), default=job.id)
         position = 0
-        for batch_key, model_id, kind, count, cost, later, later_cost in queued:
+        for batch_key, model_id, kind, first, count, cost, later, later_cost in queued:
+            if first > own_first:
+                continue
             position += count
-            key_ahead = timing_key(model_id, kind)
+            key_ahead, shape = timing_key(model_id, kind), shape_key(batch_key)
             unit = (cost + later_cost) / (count + later) if count + later else units
-            if batch_key in batches_ahead:
-                # A batch that runs before this job ends takes later jobs of its kind along, in
-                # its one loop: those queued now, or as many as batches have lately held (jobs
-                # still arriving), up to a batch's worth.
-                own = 1 if batch_key == job.batch_key else 0
-                usual = estimator.batch_size(key_ahead)
-                pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
-                count += max(pulled, 0)
-                cost = unit * count
+            # A batch that runs before this job ends takes later jobs of its kind along, in its
+            # one loop: those queued now, or as many as batches have lately held (jobs still
+            # arriving), up to a batch's worth.
+            own = 1 if batch_key == job.batch_key else 0
+            usual = estimator.batch_size(Pending(model_id, key_ahead, unit, shape=shape))
+            pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
+            count += max(pulled, 0)
+            cost = unit * count
             # One entry per job: each carries its fixed per-job work (eta.PER_JOB_UNITS).
-            ahead.extend(Pending(model_id, key_ahead, cost / count) for _ in range(count))
-        eta = estimator.waiting(Pending(job.model_id, key, units), ahead)
+            ahead.extend(
+                Pending(model_id, key_ahead, cost / count, shape=shape) for _ in range(count)
+            )
+        own = Pending(job.model_id, key, units, shape=shape_key(job.batch_key))
+        eta = estimator.waiting(own, ahead)
         return QueueInfo(position, round(eta, 2))
 
     def _estimator(self) -> Estimator:
@@ -120,7 +131,14 @@ class Estimates:
         with self.session() as s:
             timings = {
                 row.model_id: ModelTiming(row.seconds_per_unit, row.load_seconds, row.batch_size)
-                for row in s.scalars(select(StepTiming))
+                for row in s.scalars(
+                    select(StepTiming).where(  # shapes not seen lately fall back to their model
+                        or_(
+                            StepTiming.model_id.not_like(f"{SHAPE_PREFIX}%"),
+                            StepTiming.updated_at > now - _SHAPE_MEMORY_SECONDS,
+                        )
+                    )
+                )
             }
             workers = s.execute(
                 select(WorkerRecord.resident, WorkerRecord.state, WorkerRecord.device).where(
@@ -148,8 +166,12 @@ class Estimates:
         query = select(StepTiming.seconds_per_unit)
         if model_id is not None:
             found = s.scalar(query.where(StepTiming.model_id == model_id))
-        else:
-            found = s.scalar(select(func.avg(StepTiming.seconds_per_unit)))
+        else:  # over models (shapes are measured under their own keys too)
+            found = s.scalar(
+                select(func.avg(StepTiming.seconds_per_unit)).where(
+                    StepTiming.model_id.not_like(f"{SHAPE_PREFIX}%")
+                )
+            )
         return found or _DEFAULT_SECONDS_PER_UNIT
 
     @staticmethod
@@ -182,4 +204,3 @@ class Estimates:
                 load_seconds, previous + _TIMING_SMOOTHING * (load_seconds - previous)
             )
         row.updated_at = time.time()
-

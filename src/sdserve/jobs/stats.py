@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from sdserve.jobs.db import Job, StepTiming, WebhookDelivery, WebhookOutbox, WorkerRecord
+from sdserve.jobs.eta import SHAPE_PREFIX
 from sdserve.jobs.store import JobStore
 
 _LIVE_WORKER_SECONDS = 120.0
@@ -39,7 +40,11 @@ def deployment_snapshot(
             .order_by(Job.id.desc())
             .limit(recent_jobs)
         ).all()
-        timings = s.execute(select(StepTiming.model_id, StepTiming.seconds_per_unit)).all()
+        timings = s.execute(  # per model (the per-shape speeds would be a label per size)
+            select(StepTiming.model_id, StepTiming.seconds_per_unit).where(
+                StepTiming.model_id.not_like(f"{SHAPE_PREFIX}%")
+            )
+        ).all()
         workers = s.scalars(
             select(WorkerRecord).where(WorkerRecord.last_seen > now - _LIVE_WORKER_SECONDS)
         ).all()

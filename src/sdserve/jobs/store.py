@@ -28,6 +28,7 @@ from sdserve.jobs.eta import (
     MIN_LOAD_SECONDS,
     Estimator,
     eta_units,
+    shape_key,
     timing_key,
     unit_seconds,
 )
@@ -413,7 +414,9 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                     generation_time=generation_time,
                     step=Job.total_steps,
                 )
-                .returning(Job.webhook, Job.model_id, Job.kind, Job.cost, Job.total_steps)
+                .returning(
+                    Job.webhook, Job.model_id, Job.kind, Job.cost, Job.total_steps, Job.batch_key
+                )
                 .execution_options(synchronize_session=False)
             ).first()
             if row is None:
@@ -422,16 +425,17 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                 self.add_webhook(s, job_id, row.webhook, None)
             timings = result.get("timings") or {}
             load = timings.get("model_load") or 0.0
-            key = timing_key(row.model_id, row.kind)
-            if load >= MIN_LOAD_SECONDS or self._timing_written.get(key, 0.0) < now - 1.0:
-                self._timing_written[key] = now
-                batch = float(timings.get("batch_size") or 1.0)
-                per_unit = unit_seconds(
-                    generation_time, eta_units(row.cost, row.total_steps), batch
-                )
-                self._record_timing(
-                    s, key, per_unit, load if load >= MIN_LOAD_SECONDS else None, batch
-                )
+            load = load if load >= MIN_LOAD_SECONDS else None
+            batch = float(timings.get("batch_size") or 1.0)
+            per_unit = unit_seconds(generation_time, eta_units(row.cost, row.total_steps), batch)
+            # The model's speed (and its load time), and this shape's speed (loads are the model's)
+            keys = [(timing_key(row.model_id, row.kind), load), (shape_key(row.batch_key), None)]
+            for key, key_load in keys:
+                if key is None:
+                    continue
+                if key_load is not None or self._timing_written.get(key, 0.0) < now - 1.0:
+                    self._timing_written[key] = now
+                    self._record_timing(s, key, per_unit, key_load, batch)
             return True
 
     def fail(self, job_id: int, worker_id: str, message: str) -> bool:
@@ -461,4 +465,3 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
             Session.object_session(job).add(
                 WebhookOutbox(job_id=job.id, url=job.webhook, payload=None, next_at=now)
             )
-

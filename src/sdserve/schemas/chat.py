@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve.engine import batching
 from sdserve.engine.chat import ChatParams
 from sdserve.engine.chat_upstream import model_map
 from sdserve.errors import ValidationFailed
 from sdserve.schemas import common
+from sdserve.schemas.admin import KeyOnly
 from sdserve.schemas.coerce import Flag, Float, Int, Text
 from sdserve.schemas.common import CommonRequest, Context, JobSpec, parse_request
 from sdserve.settings import Settings
@@ -338,3 +341,98 @@ def openai_spec(call: OpenAICall, ctx: Context) -> JobSpec:
     """The job of an OpenAI request answered by the embedded model (no webhook, no echo)."""
     meta = {"model": call.params.model_id, "seed": call.params.seed}
     return chat_spec(call.params, CommonRequest(), meta, ctx)
+
+
+# ---- what the OpenAPI document says of the bodies (the rules above check them) -----------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"] = Field(
+        description="`developer` is a system message"
+    )
+    content: str | list[TextPart]
+
+
+class _Sampling(KeyOnly):
+    """The OpenAI sampling fields every chat body may send, with their ranges."""
+
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = Field(None, ge=0, le=2, description="1 by default")
+    top_p: float | None = Field(None, ge=0, le=1, description="1 by default")
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: no cut")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, description="random when left out")
+
+
+_MAX_TOKENS = Field(
+    None,
+    ge=1,
+    le=HARD_MAX_TOKENS,
+    description=f"{DEFAULT_MAX_TOKENS} by default; above SDSERVE_CHAT_MAX_TOKENS it is reduced",
+)
+_STOP = Field(None, description="a string, or up to 4")
+
+
+class _ModelsLabChat(_Sampling):
+    model_id: str | None = Field(None, description="the chat model; the served one by default")
+    instant_response: bool | None = Field(None, description="answer `processing` at once")
+    webhook: str | None = None
+    track_id: str | int | None = None
+
+
+class UncensoredChatBody(_ModelsLabChat):
+    """§13.1: the conversation so far."""
+
+    messages: list[Message]
+    max_tokens: int | None = _MAX_TOKENS
+    stop: str | list[str] | None = _STOP
+
+
+class ChatLlmBody(_ModelsLabChat):
+    """§16.6 `chat_llm/chat`: one prompt; `chat_id` continues an earlier chat of the same key."""
+
+    prompt: str
+    system_prompt: str | None = None
+    max_new_tokens: int | None = _MAX_TOKENS
+    do_sample: bool | None = Field(None, description="true by default")
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10)
+    chat_id: int | None = Field(None, description="the chat to continue (its answer must be in)")
+    temp: bool | None = None
+
+
+class ChatIdBody(KeyOnly):
+    chat_id: int | str = Field(description="the chat's id, from its first answer")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = Field(None, description="a last chunk with `usage`")
+
+
+class _OpenAIBody(_Sampling):
+    model: str | None = Field(None, description="a name /models lists; the first by default")
+    max_tokens: int | None = _MAX_TOKENS
+    max_completion_tokens: int | None = Field(None, ge=1, le=HARD_MAX_TOKENS)
+    stop: str | list[str] | None = _STOP
+    n: Literal[1] | None = Field(None, description="only 1")
+    stream: bool | None = Field(None, description="server-sent events, ending `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionBody(_OpenAIBody):
+    """OpenAI's `chat/completions` body (vLLM's `top_k` too); the key may also be `key`."""
+
+    messages: list[Message]
+
+
+class CompletionBody(_OpenAIBody):
+    """OpenAI's `completions` body; the key may also be `key`."""
+
+    prompt: str | list[str] = Field(description="one string (or a list of one)")
