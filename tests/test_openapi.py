@@ -165,6 +165,24 @@ def test_chat_and_console_answers_match_the_declared_schemas(server, user_key):
     call("GET", f"/api/v1/trainings?key={user_key}")
     for name in ("queue", "workers", "throughput", "keys"):
         call("GET", f"/api/v1/admin/{name}?key={ADMIN_KEY}")
+    made = call("POST", "/api/v1/admin/keys", {"key": ADMIN_KEY, "label": "openapi"})
+    key_id = next(
+        k["id"]
+        for k in call("GET", f"/api/v1/admin/keys?key={ADMIN_KEY}")["keys"]
+        if k["prefix"] == made["prefix"]
+    )
+    call(
+        "POST",
+        f"/api/v1/admin/keys/{key_id}/plan",
+        {"key": ADMIN_KEY},
+        "/api/v1/admin/keys/{key_id}/plan",
+    )
+    call(
+        "POST",
+        f"/api/v1/admin/keys/{key_id}/revoke",
+        {"key": ADMIN_KEY},
+        "/api/v1/admin/keys/{key_id}/revoke",
+    )
     call(
         "POST",
         "/api/v1/admin/workers/nope/drain",
