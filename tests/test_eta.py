@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
+from sqlalchemy import delete
 
+from sdserve.engine import speed_probe
 from sdserve.jobs.control import ControlChannel, WorkerInfo
+from sdserve.jobs.db import Job
 from sdserve.jobs.eta import ETA_MARGIN
 from sdserve.jobs.store import JobStore
 
@@ -46,7 +50,7 @@ def _measure(
     assert store.complete(job.id, "w-measure", {"timings": timings}, seconds)
 
 
-def _worker(store: JobStore, resident: list[str]) -> None:
+def _worker(store: JobStore, resident: list[str], seconds_per_unit: float | None = None) -> None:
     ControlChannel(store).advertise(
         WorkerInfo(
             worker_id="w1",
@@ -57,6 +61,7 @@ def _worker(store: JobStore, resident: list[str]) -> None:
             resident=resident,
             state="idle",
             last_seen=time.time(),
+            seconds_per_unit=seconds_per_unit,
         )
     )
 
@@ -151,3 +156,31 @@ def test_a_job_joining_an_older_batch_is_not_priced_behind_younger_batches(url):
     info = _fresh(url).queue_info(job)
     assert info.position == 1
     assert info.eta <= 2 * 2.0 * ETA_MARGIN + 0.01, info  # its loop: two jobs of 2 s
+
+
+def test_a_cold_eta_follows_the_worker_s_measured_speed(url, monkeypatch):
+    """Nothing measured yet: work is priced at the worker's speed probe, so a machine three times
+    slower (each probe's work done three times) gives a cold eta about three times longer."""
+    cpu, f32 = torch.device("cpu"), torch.float32
+    workload = speed_probe._workload
+
+    def slower_machine(*tensors):
+        return sum(workload(*tensors) for _ in range(3))
+
+    here, slower = [], []  # alternately, so a change in this shared machine's load hits both
+    for _ in range(3):
+        here.append(speed_probe.seconds_per_unit(cpu, f32))
+        with monkeypatch.context() as patch:
+            patch.setattr(speed_probe, "_workload", slower_machine)
+            slower.append(speed_probe.seconds_per_unit(cpu, f32))
+    here, slower = sorted(here)[1], sorted(slower)[1]
+    etas = []
+    for probed in (here, slower):
+        store = _fresh(url)
+        _worker(store, resident=["m"], seconds_per_unit=probed)
+        job = _submit(store, "m", 4.0)
+        etas.append(_fresh(url).queue_info(job).eta)
+        assert etas[-1] == pytest.approx(probed * 5.0, rel=0.01)  # its 4 units and a fixed one
+        with store.session(write=True) as s:  # the next machine starts on an empty queue
+            s.execute(delete(Job))
+    assert 2.0 <= etas[1] / etas[0] <= 6.0, etas  # 3, give or take a shared machine

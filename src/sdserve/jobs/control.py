@@ -27,6 +27,7 @@ class WorkerInfo:
     state: str
     last_seen: float
     model_loads: int = 0
+    seconds_per_unit: float | None = None  # measured when it started (engine.speed_probe)
 
 
 class ControlChannel:

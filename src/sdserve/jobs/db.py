@@ -182,6 +182,8 @@ class WorkerRecord(Base):
     resident: Mapped[list] = mapped_column(JSON, default=list)
     state: Mapped[str] = mapped_column(String(16), default="idle")  # idle|busy|draining
     model_loads: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Its speed probe's seconds per work unit (engine.speed_probe): the eta of unmeasured work.
+    seconds_per_unit: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_seen: Mapped[float] = mapped_column(Float, index=True)
 
 

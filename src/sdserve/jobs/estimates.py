@@ -141,15 +141,21 @@ class Estimates:
                 )
             }
             workers = s.execute(
-                select(WorkerRecord.resident, WorkerRecord.state, WorkerRecord.device).where(
-                    WorkerRecord.last_seen > now - _LIVE_WORKER_SECONDS
-                )
+                select(
+                    WorkerRecord.resident,
+                    WorkerRecord.state,
+                    WorkerRecord.device,
+                    WorkerRecord.seconds_per_unit,
+                ).where(WorkerRecord.last_seen > now - _LIVE_WORKER_SECONDS)
             ).all()
-        resident = {model for models, _, _ in workers for model in (models or [])}
-        live = sum(1 for _, state, _ in workers if state != "draining")
-        gpu = any(device.startswith("cuda") for _, _, device in workers)
-        estimator = Estimator(timings, resident, live, gpu)
-        self._eta_cache = (estimator, time.monotonic() + _RATE_CACHE_SECONDS)
+        resident = {model for models, _, _, _ in workers for model in (models or [])}
+        live = sum(1 for _, state, _, _ in workers if state != "draining")
+        gpu = any(device.startswith("cuda") for _, _, device, _ in workers)
+        # The slowest live worker's speed probe prices unmeasured work (engine.speed_probe).
+        probed = max((speed for _, _, _, speed in workers if speed), default=None)
+        estimator = Estimator(timings, resident, live, gpu, probed)
+        if timings or probed:  # a worker about to say its speed is not waited for
+            self._eta_cache = (estimator, time.monotonic() + _RATE_CACHE_SECONDS)
         return estimator
 
     def queue_stats(self) -> tuple[int, float]:

@@ -13,7 +13,8 @@ PER_JOB_UNITS = 1.0
 # A denoising step costs at least a quarter of a 512x512 one, however small the image: below
 # that a step's time is the model's fixed work, not its pixels (tiny and small images).
 STEP_FLOOR_UNITS = 0.25
-# Until any model has been measured: a GPU does a 512x512 SD1.5 step in about 0.05-0.1 s, a CPU
+# Until any model has been measured, the live workers' speed probe (engine.speed_probe), or
+# without one these: a GPU does a 512x512 SD1.5 step in about 0.05-0.1 s, a CPU
 # in one to a few seconds. Guessing long errs on the side a client can plan with.
 DEFAULT_SECONDS_PER_UNIT = {"gpu": 0.15, "cpu": 3.0}
 # `eta` is a time most jobs finish within (reference §16.2 asks 90%), not their mean: measured
@@ -83,7 +84,12 @@ def unit_seconds(generation_time: float, cost: float, batch_size: float) -> floa
 
 class Estimator:
     def __init__(
-        self, timings: dict[str, ModelTiming], resident: set[str], workers: int, gpu: bool
+        self,
+        timings: dict[str, ModelTiming],
+        resident: set[str],
+        workers: int,
+        gpu: bool,
+        probed: float | None = None,  # seconds per unit, by the slowest worker's speed probe
     ):
         self.timings = timings
         self.resident = resident
@@ -93,8 +99,15 @@ class Estimator:
         loads = [t.load_seconds for t in models if t.load_seconds]
         # An unmeasured model is guessed from the slowest measured one: an early eta errs long.
         default = DEFAULT_SECONDS_PER_UNIT["gpu" if gpu else "cpu"]
+        if probed:
+            # A GPU's probe is mostly launch overhead, far under a real model's step: there the
+            # probe can only lengthen the built-in guess (a slow card), never shorten it.
+            default = max(probed, default) if gpu else probed
         self._rate_fallback = max(rates) * ETA_MARGIN if rates else default
-        self._load_fallback = max(loads) if loads else DEFAULT_LOAD_SECONDS
+        # A load not measured yet is guessed at the same pace as the rest: a machine the probe
+        # finds ten times as fast as the built-in guess (tiny models on an idle CPU) loads faster too.
+        built_in = DEFAULT_SECONDS_PER_UNIT["gpu" if gpu else "cpu"]
+        self._load_fallback = max(loads) if loads else DEFAULT_LOAD_SECONDS * default / built_in
 
     def _measured(self, job: Pending, field: str) -> float | None:
         """`field` of the job's shape if that was measured, else of its model."""

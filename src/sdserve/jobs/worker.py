@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from sdserve.engine import batching
+from sdserve.engine import batching, speed_probe
 from sdserve.engine.base import Engine, EngineJob, EngineOutput, Runtime
 from sdserve.errors import EngineError, SdserveError, StoreUnavailable
 from sdserve.jobs.control import ControlChannel, WorkerInfo
@@ -27,6 +27,7 @@ _PARTIAL_INTERVAL = 0.1  # seconds between writes of a job's partial output (str
 _MAINTENANCE_INTERVAL = 30.0
 _ADVERTISE_INTERVAL = 5.0
 _BROADCAST_INTERVAL = 0.5
+_PROBE_INTERVAL = 60.0  # seconds between speed probes of an idle worker
 
 
 class JobTimedOut(EngineError):
@@ -68,12 +69,17 @@ class Worker:
         self._advertised_models: list[str] = []
         self._seen_broadcast: int | None = None
         self._last_broadcast_check = 0.0
+        self._seconds_per_unit: float | None = None  # its speed probe's (_probe_speed)
+        self._last_probe = -_PROBE_INTERVAL
         self._busy = False
         self._draining = False  # told to drain by an operator: claims nothing until resumed
         self._current: list[int] = []
         self._deadline = float("inf")  # when the batch in hand runs out of time
         # Set when there may be work: by the API's bus in-process, by NOTIFY on PostgreSQL.
         self.wake = bus.work_available if bus is not None else threading.Event()
+        # Before the API serves (its requests would slow the probe) and before the worker is
+        # listed: a cold eta needs its speed.
+        self._probe_speed()
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
@@ -94,6 +100,7 @@ class Worker:
                     break
                 if not self._draining and self.run_once(stop):
                     continue
+                self._probe_speed()
             except Exception:  # a DB outage must not kill the worker: wait and retry
                 log.exception("worker loop error")
                 stop.wait(1.0)
@@ -103,6 +110,20 @@ class Worker:
             self.control.retire(self.worker_id)
         except Exception:
             log.warning("could not retire worker record %s", self.worker_id)
+
+    def _probe_speed(self) -> None:
+        """Measure this machine's speed (engine.speed_probe): when the worker starts, then every
+        `_PROBE_INTERVAL` while it is idle, so it follows the machine's load. It prices work no
+        job has measured yet (jobs.eta)."""
+        now = time.monotonic()
+        if not self.advertised or now - self._last_probe < _PROBE_INTERVAL:
+            return
+        self._last_probe = now
+        self._seconds_per_unit = speed_probe.seconds_per_unit(
+            self.runtime.device, self.runtime.dtype
+        )
+        log.debug("worker %s: %.3f s a work unit, probed", self.worker_id, self._seconds_per_unit)
+        self._advertise(force=True)
 
     def give_back_current(self) -> None:
         """Requeue the batch in hand now (the process is about to end before it finishes)."""
@@ -160,6 +181,7 @@ class Worker:
                 state="draining" if self._draining else "busy" if self._busy else "idle",
                 last_seen=now,
                 model_loads=self.runtime.cache.loads,
+                seconds_per_unit=self._seconds_per_unit,
             )
         )
 
