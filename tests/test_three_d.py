@@ -285,3 +285,16 @@ def test_a_cut_out_is_framed_by_foreground_ratio_and_put_on_white():
     flat = on_white(framed)
     assert flat.mode == "RGB"
     assert flat.getpixel((0, 0)) == (255, 255, 255) and flat.getpixel((25, 25)) == (200, 0, 0)
+
+
+def test_progress_counts_decoding_at_its_cost():
+    """A running job's eta is its remaining share of the work, read from its progress: the prior's
+    steps must not count as nearly all of it when the mesh takes most of the time."""
+    from sdserve.engine.three_d import ThreeDParams
+
+    p = ThreeDParams(task="text", model_id="tiny-shap-e", steps=50, guidance_scale=15, seed=0,
+                     samples=2, outputs=["glb"])  # fmt: skip
+    assert p.total_steps == p.steps + 2 * p.decode_steps
+    prior_cost = 0.2 * p.steps * p.samples  # a prior step runs every sample
+    assert p.steps / p.total_steps == pytest.approx(prior_cost / p.cost, abs=0.01)
+    assert p.steps / p.total_steps <= 0.51  # counted one step a sample, it was 50/52

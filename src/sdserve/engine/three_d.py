@@ -62,6 +62,18 @@ class ThreeDParams(BaseModel):
         return self.samples * (0.2 * self.steps + render + mesh)
 
     @property
+    def decode_steps(self) -> int:
+        """One sample's views and mesh in progress steps, each worth a prior step's cost (one prior
+        step runs every sample): a running job's eta follows its progress, and decoding is most of
+        a job's time."""
+        decode = self.cost / self.samples - 0.2 * self.steps
+        return max(1, round(decode / (0.2 * self.samples)))
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.samples * self.decode_steps
+
+    @property
     def needs_frames(self) -> bool:
         return "gif" in self.outputs or "mp4" in self.outputs
 
@@ -126,8 +138,7 @@ class ThreeDEngine:
         ).images
         if not torch.isfinite(latents).all():
             raise EngineError("Generation failed: the model produced NaN values")
-        total = p.steps + p.samples  # progress: the prior's steps, then one per sample
-        job.events.step(p.steps, total)
+        job.events.step(p.steps, p.total_steps)
         denoised = time.perf_counter()
 
         # 3. per sample: the turntable views and the mesh, each decoded from the latent
@@ -161,7 +172,7 @@ class ThreeDEngine:
             mark = time.perf_counter()
             files.extend(OutputFile(_encode(fmt, p, frames, mesh)) for fmt in p.outputs)
             encode += time.perf_counter() - mark
-            job.events.step(p.steps + index + 1, total)
+            job.events.step(p.steps + (index + 1) * p.decode_steps, p.total_steps)
 
         stages = {
             "model_load": loaded - started,

@@ -238,7 +238,7 @@ def three_d_job(dialect: Dialect, task: shap_e.Task):
             params={**p.model_dump(mode="json"), **wire.stored()},
             batch_key=batching.solo_key("3d", wire.file_prefix),
             cost=p.cost,
-            total_steps=steps + samples,  # the prior's steps, then one per sample's files
+            total_steps=p.total_steps,  # the prior's steps, then each sample's decoding
             output_names=names,
             meta=meta,
             inputs={"image": Input(source)} if task == "image" else {},
