@@ -9,6 +9,7 @@ import pytest
 
 from sdserve.errors import JobNotFound, RateLimited
 from sdserve.jobs.control import ControlChannel, WorkerInfo
+from sdserve.jobs.eta import ETA_MARGIN
 from sdserve.jobs.store import JobStore
 
 
@@ -117,9 +118,9 @@ def test_queue_info_counts_work_ahead(store):
     first, second = submit(store, "A"), submit(store, "B")
     assert timed.id == claimed.id
     assert store.queue_info(second).position == 1
-    assert store.queue_info(second).eta == pytest.approx(1.0)
-    assert store.queue_info(first).eta == pytest.approx(0.5)
+    assert store.queue_info(second).eta == pytest.approx(1.0 * ETA_MARGIN)
+    assert store.queue_info(first).eta == pytest.approx(0.5 * ETA_MARGIN)
     store.claim_batch("w", 1, 30)
     # the running job's work counts for the ones behind it
     assert store.queue_info(store.get(second.id)).position == 0
-    assert store.queue_info(store.get(second.id)).eta == pytest.approx(1.0)
+    assert store.queue_info(store.get(second.id)).eta == pytest.approx(1.0 * ETA_MARGIN)

@@ -125,17 +125,20 @@ async def training_status(found: CallerDep, training_id: str):
         training_id=training_id,
         model_id=training_id,
         # Not in the hosted API, as in fetch: how far it is and how long it has left.
-        **await run_in_threadpool(training_progress, state, job),
+        **await run_in_threadpool(training_progress, state, job, stage == "model_ready"),
     )
 
 
-def training_progress(state: ServerState, job: JobView) -> dict[str, Any]:
+def training_progress(state: ServerState, job: JobView, ready: bool) -> dict[str, Any]:
     """`progress` (steps done of total, also as "40/200") and `eta` in seconds: the queue's
     estimate while it waits, then this run's own pace so far (model load and class images
-    included, so it errs long), and 0 once it has ended."""
+    included, so it errs long), and 0 once it has ended. `ready`: the model is saved, which
+    the training's stage says before the job row has its last step."""
     step, total = job.step, job.total_steps
     eta: float | None
-    if job.status == "queued":
+    if ready:
+        step, eta = total, 0.0
+    elif job.status == "queued":
         eta = state.store.queue_info(job).eta
     elif job.status == "processing":
         elapsed = time.time() - (job.started_at or time.time())
