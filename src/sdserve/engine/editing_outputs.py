@@ -5,13 +5,16 @@ the NSFW check the request asked for."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
 
-from sdserve.engine.base import OutputFile
+from sdserve.engine.adapters import apply_loras
+from sdserve.engine.base import EngineOutput, OutputFile, Runtime
 from sdserve.engine.safety import NsfwChecker, replace_nsfw
+from sdserve.errors import EngineError, SdserveError
 from sdserve.media.images import encode_png
 
 
@@ -49,3 +52,33 @@ def output_files(
         shown = replace_nsfw(image, replacement) if flagged else image
         files.append(OutputFile(encode_png(shown), nsfw=flagged))
     return files
+
+
+def generate_on_sd_model(
+    runtime: Runtime,
+    model_id: str,
+    generate: Callable[[object], list[Image.Image]],
+    nsfw: NsfwChecker | None,
+    nsfw_type: str,
+    out_of_memory: str,
+) -> EngineOutput:
+    """One job of a verb reimplemented on an SD model's own components (magic_mix,
+    mixture_canvas): the resident model with no LoRA another job left active, `generate(pipe)`,
+    its errors told apart, the NSFW check, and the stage timings. `out_of_memory` says what to
+    make smaller."""
+    started = time.perf_counter()
+    pipe = runtime.pipeline(model_id)
+    apply_loras(pipe, [], runtime.registry)  # none another job left active
+    loaded = time.perf_counter()
+    try:
+        images = generate(pipe)
+    except SdserveError:
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise EngineError(f"Out of GPU memory: {out_of_memory}") from exc
+    except Exception as exc:
+        raise EngineError(f"Generation failed: {exc}") from exc
+    done = time.perf_counter()
+    files = output_files(images, nsfw, nsfw_type)
+    stages = {"model_load": loaded - started, "denoise": done - loaded, "batch_size": 1}
+    return EngineOutput(files, stages)

@@ -10,18 +10,15 @@ the current step, `mix_factor` of the generated ones against the rest of the ima
 from __future__ import annotations
 
 import threading
-import time
 
 import torch
 from diffusers import DDIMScheduler
 from pydantic import BaseModel, ConfigDict
 
 from sdserve.engine import batching, latent_steps
-from sdserve.engine.adapters import apply_loras
 from sdserve.engine.base import EngineJob, EngineOutput, Runtime, one_by_one
-from sdserve.engine.editing_outputs import output_files
+from sdserve.engine.editing_outputs import generate_on_sd_model
 from sdserve.engine.safety import NsfwChecker
-from sdserve.errors import EngineError, SdserveError
 
 
 class MagicMixParams(BaseModel):
@@ -112,20 +109,11 @@ class MagicMixEngine:
 
     def _run(self, job: EngineJob) -> EngineOutput:
         p = MagicMixParams.model_validate(job.params)
-        started = time.perf_counter()
-        pipe = self.runtime.pipeline(p.model_id)
-        apply_loras(pipe, [], self.runtime.registry)  # none another job left active
-        loaded = time.perf_counter()
-        try:
-            images = magic_mix(pipe, p, job.image("image"), job.events.step)
-        except SdserveError:
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            raise EngineError("Out of GPU memory: try a smaller size or fewer samples") from exc
-        except Exception as exc:
-            raise EngineError(f"Generation failed: {exc}") from exc
-        done = time.perf_counter()
-        checker = self._nsfw if p.safety_checker else None
-        files = output_files(images, checker, p.safety_checker_type)
-        stages = {"model_load": loaded - started, "denoise": done - loaded, "batch_size": 1}
-        return EngineOutput(files, stages)
+        return generate_on_sd_model(
+            self.runtime,
+            p.model_id,
+            lambda pipe: magic_mix(pipe, p, job.image("image"), job.events.step),
+            self._nsfw if p.safety_checker else None,
+            p.safety_checker_type,
+            "try a smaller size or fewer samples",
+        )
