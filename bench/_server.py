@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from sdserve.testing import start_process, stop_process, wait_until_serving
+from sdserve.testing import start_process, stop_process, timeout_scale, wait_until_serving
 
 ADMIN_KEY = "bench-admin-key"
 _PIDS: dict[str, int] = {}
@@ -46,6 +46,7 @@ def running_server(data_dir: str | None = None, **env: str):
             **env,
         )
         log = Path(tmp) / "server.log"
+        timeout_scale()  # measured once, before the server starts: not while it warms up
         proc = start_process(
             [
                 sys.executable,

@@ -45,6 +45,8 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         SDSERVE_SYNC_WAIT_SECONDS="120",
         # tests serve inputs and models from loopback; the guard is tested with it off
         SDSERVE_ALLOW_PRIVATE_URLS="1",
+        # a test server would first load and time the default model; the warm-up has its tests
+        SDSERVE_WARMUP_BUCKETS="",
         TOKENIZERS_PARALLELISM="false",
     )
     env.update(overrides)

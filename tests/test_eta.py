@@ -12,7 +12,7 @@ from sqlalchemy import delete
 from sdserve.engine import speed_probe
 from sdserve.jobs.control import ControlChannel, WorkerInfo
 from sdserve.jobs.db import Job
-from sdserve.jobs.eta import ETA_MARGIN
+from sdserve.jobs.eta import COLD_BATCH_SIZE, ETA_MARGIN, GUESS_MARGIN
 from sdserve.jobs.store import JobStore
 
 
@@ -40,13 +40,19 @@ def _submit(store: JobStore, model_id: str, cost: float, batch_key: str | None =
 
 
 def _measure(
-    store: JobStore, model_id: str, seconds: float, load: float = 0.0, batch_key: str | None = None
+    store: JobStore,
+    model_id: str,
+    seconds: float,
+    load: float = 0.0,
+    batch_key: str | None = None,
+    batch: int = 1,
 ) -> None:
-    """One job of `model_id` (cost 1) run to success in `seconds`, after a `load` s model load."""
+    """One job of `model_id` (cost 1) run to success in `seconds` (in a loop of `batch` jobs),
+    after a `load` s model load."""
     job = _submit(store, model_id, 1.0, batch_key)
     [claimed] = store.claim_batch("w-measure", max_size=1, lease_seconds=30)
     assert claimed.id == job.id
-    timings = {"model_load": load, "batch_size": 1}
+    timings = {"model_load": load, "batch_size": batch}
     assert store.complete(job.id, "w-measure", {"timings": timings}, seconds)
 
 
@@ -90,11 +96,11 @@ def test_work_ahead_is_priced_at_its_own_model_s_speed(url):
     _measure(store, "slow", seconds=10.0)  # 5 s a unit
     _measure(store, "fast", seconds=0.2)  # 0.1 s a unit
     _worker(store, resident=["slow", "fast"])
-    _submit(store, "slow", 4.0)  # 25 s of work
+    _submit(store, "slow", 4.0)  # 25 s of work, of a shape not measured yet: a guess
     job = _submit(store, "fast", 1.0)
     info = _fresh(url).queue_info(job)
     assert info.position == 1
-    assert 25.0 * ETA_MARGIN <= info.eta <= 26.0 * ETA_MARGIN, info
+    assert 25.0 * GUESS_MARGIN <= info.eta <= 26.0 * GUESS_MARGIN, info
 
 
 def test_a_tiny_job_is_not_promised_almost_no_time(url):
@@ -155,7 +161,7 @@ def test_a_job_joining_an_older_batch_is_not_priced_behind_younger_batches(url):
     job = _submit(store, "m", 1.0, batch_key="A")
     info = _fresh(url).queue_info(job)
     assert info.position == 1
-    assert info.eta <= 2 * 2.0 * ETA_MARGIN + 0.01, info  # its loop: two jobs of 2 s
+    assert info.eta <= 2 * 2.0 * GUESS_MARGIN + 0.01, info  # its loop: two jobs of 2 s
 
 
 def test_a_cold_eta_follows_the_worker_s_measured_speed(url, monkeypatch):
@@ -184,3 +190,49 @@ def test_a_cold_eta_follows_the_worker_s_measured_speed(url, monkeypatch):
         with store.session(write=True) as s:  # the next machine starts on an empty queue
             s.execute(delete(Job))
     assert 2.0 <= etas[1] / etas[0] <= 6.0, etas  # 3, give or take a shared machine
+
+
+def test_a_warm_up_prices_the_first_jobs_but_not_how_full_their_batches_run(url):
+    """A worker's warm-up (engine.images.warm_up) is measured as a job is: before any job has
+    run, work is priced at its speed, other shapes with the wider margin of a guess. How full
+    batches run is the traffic's: until jobs have shown it, a batch that waits for a worker is
+    priced as COLD_BATCH_SIZE jobs."""
+    store = _fresh(url)
+    # A cost-1 job (two units with its fixed one) in 1 s, after a 2 s load: 0.5 s a unit.
+    store.record_run("m", "text2img", "A", 1.0, 2, {"model_load": 2.0}, 1.0)
+    _worker(store, resident=["m"])
+    run, guess = ETA_MARGIN * 0.5 * 2, GUESS_MARGIN * 0.5 * 2  # a cost-1 job's own eta
+    first = _submit(store, "m", 1.0, batch_key="A")  # the warm-up's shape
+    assert _fresh(url).queue_info(first).eta == pytest.approx(run, abs=0.01)  # claimed at once
+    second = _submit(store, "m", 1.0, batch_key="B")  # another shape, behind `first`
+    expected = run + COLD_BATCH_SIZE * guess
+    assert _fresh(url).queue_info(second).eta == pytest.approx(expected, abs=0.01)
+    _worker(store, resident=[])
+    assert _fresh(url).queue_info(first).eta == pytest.approx(2.0 + run, abs=0.01)  # its load
+
+
+def test_a_lone_job_on_an_idle_worker_is_not_priced_with_jobs_that_might_join_it(url):
+    # Batches have lately held three jobs, but a job an idle worker claims at once has no time
+    # to gather any: it runs alone. A batch that waits gathers them.
+    store = _fresh(url)
+    for shape in ("A", "B"):  # a job's share of its loop: 1 s a unit
+        _measure(store, "m", seconds=6.0, batch_key=shape, batch=3)
+    _worker(store, resident=["m"])
+    run = ETA_MARGIN * 1.0 * 2
+    lone = _submit(store, "m", 1.0, batch_key="A")
+    assert _fresh(url).queue_info(lone).eta == pytest.approx(run, abs=0.01)
+    waiting = _submit(store, "m", 1.0, batch_key="B")
+    assert _fresh(url).queue_info(waiting).eta == pytest.approx(run + 3 * run, abs=0.01)
+
+
+def test_a_job_s_speed_counts_all_its_worker_spent_on_it(url):
+    # Its stages (denoise, decode, ...) leave out encoding its files, storing them and the
+    # bookkeeping: the speed is measured from its claim to its end.
+    store = _fresh(url)
+    job = _submit(store, "m", 1.0)
+    store.claim_batch("w-measure", max_size=1, lease_seconds=30)
+    time.sleep(0.5)
+    assert store.complete(job.id, "w-measure", {"timings": {"batch_size": 1}}, 0.05)
+    _worker(store, resident=["m"])
+    later = _submit(store, "m", 1.0)
+    assert _fresh(url).queue_info(later).eta >= 0.5 * ETA_MARGIN

@@ -34,9 +34,10 @@ class Settings(BaseSettings):
     compile_unet: bool = False  # torch.compile per (size, batch) bucket, cached in the data dir
     lora_hotswap_rank: int = 64  # largest LoRA rank that swaps into a compiled UNet
     vae_tile_above_pixels: int = 1024 * 1024  # larger images are decoded in tiles
-    # Buckets to run once at start, so no user waits for a compile or a load:
-    # "model_id:WIDTHxHEIGHT:steps:batch,..." e.g. "sd-1.5:512x512:30:8"
-    warmup_buckets: str = ""
+    # Buckets to run once when a worker starts, before it serves, so no user waits for a compile
+    # or a load, and a cold eta is priced at a measured speed (`default`: the default model):
+    # "model_id:WIDTHxHEIGHT:steps:batch,..." e.g. "sd-1.5:512x512:30:8"; empty for none
+    warmup_buckets: str = "default:256x256:4:1"
     # `noop` runs no model (flat images after noop_seconds): queue benchmarks and fault tests
     engine: Literal["diffusers", "noop"] = "diffusers"
     noop_seconds: float = 0.0

@@ -44,6 +44,7 @@ from sdserve.settings import Settings
 from sdserve.storage.router import StorageRouter
 
 log = logging.getLogger(__name__)
+_WARM_UP_WAIT_SECONDS = 120.0
 
 
 def build_state(settings: Settings) -> ServerState:
@@ -120,6 +121,10 @@ def _start_background(
         )
     for thread in threads:
         thread.start()
+    # The API serves once its worker has warmed up (a cold eta is priced at the warm-up's
+    # speed), but no longer waits for a default model still downloading.
+    if worker is not None and not worker.warmed_up.wait(_WARM_UP_WAIT_SECONDS):
+        log.warning("serving before the warm-up has ended (%.0f s)", _WARM_UP_WAIT_SECONDS)
     return threads, worker
 
 

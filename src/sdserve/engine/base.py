@@ -80,6 +80,19 @@ class EngineOutput:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass
+class Measured:
+    """A run outside the queue (a warm-up), timed as a job is: the worker records its speed, which
+    prices the first jobs' eta (jobs.eta) before any of them has run."""
+
+    model_id: str
+    kind: str
+    batch_key: str
+    cost: float
+    total_steps: int
+    seconds: float  # all a warm run took, its output encoded
+    model_load: float  # what a cold run took more: the load and one-time costs
+
 
 class Engine(Protocol):
     """Runs jobs of `kinds`; `run_batch` gets jobs with one batch key and answers each one."""

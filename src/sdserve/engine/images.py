@@ -21,7 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve.engine import acceleration, batching
 from sdserve.engine.adapters import apply_loras
-from sdserve.engine.base import EngineJob, EngineOutput, OutputFile, Runtime, StepCallback
+from sdserve.engine.base import (
+    EngineJob,
+    EngineOutput,
+    Measured,
+    OutputFile,
+    Runtime,
+    StepCallback,
+)
 from sdserve.engine.batching import (
     encode_in_groups,
     per_sample_guidance,
@@ -150,15 +157,17 @@ class ImageEngine:
             outputs.append(EngineOutput(files, result.stages))
         return outputs
 
-    def warm_up(self) -> None:
-        """Run the configured buckets once (loads, compiles, CUDA graphs) before serving."""
+    def warm_up(self) -> list[Measured]:
+        """Run the configured buckets (loads, compiles, CUDA graphs) before serving, each twice:
+        the second run is timed as a job is. `default` names the default model."""
+        runs = []
         for bucket in filter(None, (b.strip() for b in self.settings.warmup_buckets.split(","))):
             try:
                 model_id, size, steps, batch = bucket.split(":")
                 width, height = (int(v) for v in size.lower().split("x"))
                 params = ImageParams(
                     kind="text2img",
-                    model_id=model_id,
+                    model_id=self.settings.default_model if model_id == "default" else model_id,
                     prompt="warm-up",
                     negative_prompt="",
                     width=width,
@@ -171,11 +180,33 @@ class ImageEngine:
                     use_karras_sigmas=True,
                     algorithm_type=None,
                 )
+                # The first run loads the model and pays one-time costs (allocations, kernel
+                # choices: several times a run on a busy CPU); the second is timed as a job is.
+                # All the first cost more than the second is what a cold model costs a job.
                 started = time.perf_counter()
-                self.generate(params, None, None)
+                for image in self.generate(params, None, None).images:
+                    encode_png(image)
+                timed = time.perf_counter()
+                for image in self.generate(params, None, None).images:
+                    encode_png(image)
+                seconds = time.perf_counter() - timed
+                cold = max(timed - started - seconds, 0.0)
                 log.info("warmed up %s in %.1f s", bucket, time.perf_counter() - started)
             except Exception:
                 log.exception("warm-up of %s failed", bucket)
+                continue
+            runs.append(
+                Measured(
+                    params.model_id,
+                    params.kind,
+                    params.batch_key,
+                    params.cost,
+                    params.steps,
+                    seconds,
+                    cold,
+                )
+            )
+        return runs
 
     def generate(
         self,

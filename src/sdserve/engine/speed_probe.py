@@ -1,8 +1,8 @@
 """A worker's speed, measured when it starts and every minute it is idle: a small fixed workload
 shaped like a denoising step's (a 3x3 convolution and an attention product on a 64x64 latent),
 timed on the worker's device and dtype, on one thread. Until a model has been measured, `eta`
-prices work (and model loads) at this speed, so a cold worker's eta follows the machine it runs
-on and how loaded it is (reference §16.2)."""
+prices work (and model loads) at this speed (reference §16.2). A worker's warm-up measures a real
+model, which it replaces (jobs.worker.Worker._warm_up): the probe prices a worker with none."""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from sdserve.jobs.db import (
     WorkerRecord,
 )
 from sdserve.jobs.eta import (
+    MIN_ETA_SECONDS,
+    MIN_LOAD_SECONDS,
     SHAPE_PREFIX,
     STEP_FLOOR_UNITS,
     Estimator,
@@ -21,6 +23,7 @@ from sdserve.jobs.eta import (
     eta_units,
     shape_key,
     timing_key,
+    unit_seconds,
 )
 from sdserve.jobs.views import (
     JobView,
@@ -62,7 +65,7 @@ class Estimates:
             eta = estimator.running(loop) + (count - 1) * estimator.running(
                 Pending(job.model_id, key, cost / count, left, shape=shape)
             )
-            return QueueInfo(0, round(eta, 2))
+            return QueueInfo(0, round(max(eta, MIN_ETA_SECONDS), 2))
         before = Job.id < job.id
         with self.session() as s:  # the waiting jobs by batch, and the few running ones
             queued = s.execute(
@@ -100,18 +103,24 @@ class Estimates:
         # oldest job is younger than that runs after it, however old its other jobs.
         own_first = min((row[3] for row in queued if row[0] == job.batch_key), default=job.id)
         position = 0
-        for batch_key, model_id, kind, first, count, cost, later, later_cost in queued:
+        # Idle workers claim the first batches at once; the others wait for a worker.
+        free = estimator.workers - len({row[5] for row in running})
+        for batch_key, model_id, kind, first, count, cost, later, later_cost in sorted(
+            queued, key=lambda row: row[3]
+        ):
             if first > own_first:
                 continue
             position += count
             key_ahead, shape = timing_key(model_id, kind), shape_key(batch_key)
             unit = (cost + later_cost) / (count + later) if count + later else units
             # A batch that runs before this job ends takes later jobs of its kind along, in its
-            # one loop: those queued now, or as many as batches have lately held (jobs still
-            # arriving), up to a batch's worth.
+            # one loop: those queued now and, while it waits for a worker, as many more as
+            # batches have lately held (jobs still arriving), up to a batch's worth.
             own = 1 if batch_key == job.batch_key else 0
             usual = estimator.batch_size(Pending(model_id, key_ahead, unit, shape=shape))
-            pulled = min(max(later, round(usual) - count - own), _BATCH_PULL)
+            arriving = 0 if free > 0 else round(usual) - count - own
+            free -= 1
+            pulled = min(max(later, arriving), _BATCH_PULL)
             count += max(pulled, 0)
             cost = unit * count
             # One entry per job: each carries its fixed per-job work (eta.PER_JOB_UNITS).
@@ -120,7 +129,7 @@ class Estimates:
             )
         own = Pending(job.model_id, key, units, shape=shape_key(job.batch_key))
         eta = estimator.waiting(own, ahead)
-        return QueueInfo(position, round(eta, 2))
+        return QueueInfo(position, round(max(eta, MIN_ETA_SECONDS), 2))
 
     def _estimator(self) -> Estimator:
         """Measured timings and the live workers' resident models, re-read every few seconds."""
@@ -180,13 +189,60 @@ class Estimates:
             )
         return found or _DEFAULT_SECONDS_PER_UNIT
 
+    def record_run(
+        self,
+        model_id: str,
+        kind: str,
+        batch_key: str,
+        cost: float,
+        total_steps: int,
+        timings: dict[str, float],
+        generation_time: float,
+    ) -> None:
+        """A run outside the queue (a worker's warm-up), measured as a finished job is: until
+        the first jobs end, their eta is priced at its speed."""
+        with self.session(write=True) as s:
+            self._record_speeds(
+                s, model_id, kind, batch_key, cost, total_steps, timings, generation_time
+            )
+
+    def _record_speeds(
+        self,
+        s: Session,
+        model_id: str,
+        kind: str,
+        batch_key: str,
+        cost: float,
+        total_steps: int,
+        timings: dict[str, float],
+        generation_time: float,
+        now: float | None = None,
+    ) -> None:
+        """The speed a finished run measured, for its model (with its model load) and its shape
+        of work. Without `now` every row is written; with it, a row at most once a second per
+        process: every completion writing that one row would serialize the workers."""
+        load = timings.get("model_load") or 0.0
+        load = load if load >= MIN_LOAD_SECONDS else None
+        batch = float(timings.get("batch_size") or 1.0)
+        per_unit = unit_seconds(generation_time, eta_units(cost, total_steps), batch)
+        # How full batches run is the traffic's, not the machine's: a warm-up does not say it.
+        traffic = batch if now is not None else None
+        keys = [(timing_key(model_id, kind), load), (shape_key(batch_key), None)]
+        for key, key_load in keys:
+            if key is None:
+                continue
+            written = self._timing_written.get(key, 0.0)
+            if now is None or key_load is not None or written < now - 1.0:
+                self._timing_written[key] = now or time.time()
+                self._record_timing(s, key, per_unit, key_load, traffic)
+
     @staticmethod
     def _record_timing(
         s: Session,
         model_id: str,
         seconds_per_unit: float,
         load_seconds: float | None = None,
-        batch_size: float = 1.0,
+        batch_size: float | None = 1.0,
     ) -> None:
         row = s.get(StepTiming, model_id)
         if row is None:
@@ -201,8 +257,9 @@ class Estimates:
             )
             return
         row.seconds_per_unit += _TIMING_SMOOTHING * (seconds_per_unit - row.seconds_per_unit)
-        previous_batch = row.batch_size or batch_size
-        row.batch_size = previous_batch + _TIMING_SMOOTHING * (batch_size - previous_batch)
+        if batch_size is not None:
+            previous_batch = row.batch_size or batch_size
+            row.batch_size = previous_batch + _TIMING_SMOOTHING * (batch_size - previous_batch)
         if load_seconds is not None:
             # The slower of the last load and the smoothed ones: an eta that errs long.
             previous = row.load_seconds or load_seconds

@@ -21,6 +21,17 @@ DEFAULT_SECONDS_PER_UNIT = {"gpu": 0.15, "cpu": 3.0}
 # speeds move by a third between runs on a shared machine, and with the batch a job lands in.
 # Guesses (the defaults above) err long already and get no margin.
 ETA_MARGIN = 1.5
+# A shape of work not measured yet is priced at its model's speed measured on other shapes, and an
+# unmeasured model at the slowest measured one's speed and load: guesses, with a wider margin. One
+# model's seconds per unit differ up to fourfold between shapes (a small image is mostly fixed work).
+GUESS_MARGIN = 2.0
+# How many jobs a batch waiting for a worker holds by the time it runs, before traffic has
+# measured it: in a burst, jobs still arriving join the batches ahead of the first ones.
+COLD_BATCH_SIZE = 2.0
+# No job is promised less than a second. Below that its time is the server's own latency more
+# than its work: a tiny job measured at 0.2 s took 0.6 s while the same process answered a burst
+# of submissions around it. A client gains nothing by coming back sooner.
+MIN_ETA_SECONDS = 1.0
 DEFAULT_LOAD_SECONDS = 10.0  # until any model load has been measured
 MIN_LOAD_SECONDS = 0.05  # a "load" shorter than this was a cache hit
 
@@ -103,11 +114,13 @@ class Estimator:
             # A GPU's probe is mostly launch overhead, far under a real model's step: there the
             # probe can only lengthen the built-in guess (a slow card), never shorten it.
             default = max(probed, default) if gpu else probed
-        self._rate_fallback = max(rates) * ETA_MARGIN if rates else default
+        self._rate_fallback = max(rates) * GUESS_MARGIN if rates else default
         # A load not measured yet is guessed at the same pace as the rest: a machine the probe
         # finds ten times as fast as the built-in guess (tiny models on an idle CPU) loads faster too.
         built_in = DEFAULT_SECONDS_PER_UNIT["gpu" if gpu else "cpu"]
-        self._load_fallback = max(loads) if loads else DEFAULT_LOAD_SECONDS * default / built_in
+        self._load_fallback = (
+            max(loads) * GUESS_MARGIN if loads else DEFAULT_LOAD_SECONDS * default / built_in
+        )
 
     def _measured(self, job: Pending, field: str) -> float | None:
         """`field` of the job's shape if that was measured, else of its model."""
@@ -118,12 +131,19 @@ class Estimator:
         return None
 
     def run_seconds(self, job: Pending) -> float:
-        measured = self._measured(job, "seconds_per_unit")
-        rate = measured * ETA_MARGIN if measured else self._rate_fallback
+        shape = self.timings.get(job.shape or "")
+        if shape is not None and shape.seconds_per_unit:
+            rate = shape.seconds_per_unit * ETA_MARGIN
+        else:  # a shape not measured yet: its model's speed, measured on others, is a guess
+            model = self.timings.get(job.key)
+            measured = model.seconds_per_unit if model is not None else None
+            rate = measured * GUESS_MARGIN if measured else self._rate_fallback
         return rate * (job.cost + PER_JOB_UNITS)
 
     def batch_size(self, job: Pending) -> float:
-        return self._measured(job, "batch_size") or 1.0
+        """How many jobs its batches have lately held, or before jobs have measured that,
+        COLD_BATCH_SIZE."""
+        return self._measured(job, "batch_size") or COLD_BATCH_SIZE
 
     def load_seconds(self, model_id: str, key: str) -> float:
         if model_id in self.resident:

@@ -24,14 +24,7 @@ from sdserve.jobs.db import (
     WebhookOutbox,
 )
 from sdserve.jobs.estimates import Estimates
-from sdserve.jobs.eta import (
-    MIN_LOAD_SECONDS,
-    Estimator,
-    eta_units,
-    shape_key,
-    timing_key,
-    unit_seconds,
-)
+from sdserve.jobs.eta import Estimator
 from sdserve.jobs.outbox import Webhooks
 from sdserve.jobs.quotas import Quotas
 from sdserve.jobs.trainings import Trainings
@@ -415,7 +408,13 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                     step=Job.total_steps,
                 )
                 .returning(
-                    Job.webhook, Job.model_id, Job.kind, Job.cost, Job.total_steps, Job.batch_key
+                    Job.webhook,
+                    Job.model_id,
+                    Job.kind,
+                    Job.cost,
+                    Job.total_steps,
+                    Job.batch_key,
+                    Job.started_at,
                 )
                 .execution_options(synchronize_session=False)
             ).first()
@@ -423,19 +422,21 @@ class JobStore(Quotas, Estimates, Webhooks, Trainings):
                 return False
             if row.webhook:
                 self.add_webhook(s, job_id, row.webhook, None)
+            # Its speed is priced from the time since it was claimed, less a model load: all
+            # its worker spent on it (PNG encoding, storage, bookkeeping as well as its stages).
             timings = result.get("timings") or {}
-            load = timings.get("model_load") or 0.0
-            load = load if load >= MIN_LOAD_SECONDS else None
-            batch = float(timings.get("batch_size") or 1.0)
-            per_unit = unit_seconds(generation_time, eta_units(row.cost, row.total_steps), batch)
-            # The model's speed (and its load time), and this shape's speed (loads are the model's)
-            keys = [(timing_key(row.model_id, row.kind), load), (shape_key(row.batch_key), None)]
-            for key, key_load in keys:
-                if key is None:
-                    continue
-                if key_load is not None or self._timing_written.get(key, 0.0) < now - 1.0:
-                    self._timing_written[key] = now
-                    self._record_timing(s, key, per_unit, key_load, batch)
+            spent = now - (row.started_at or now) - (timings.get("model_load") or 0.0)
+            self._record_speeds(
+                s,
+                row.model_id,
+                row.kind,
+                row.batch_key,
+                row.cost,
+                row.total_steps,
+                timings,
+                max(spent, generation_time),
+                now,
+            )
             return True
 
     def fail(self, job_id: int, worker_id: str, message: str) -> bool:

@@ -77,15 +77,19 @@ class Worker:
         self._deadline = float("inf")  # when the batch in hand runs out of time
         # Set when there may be work: by the API's bus in-process, by NOTIFY on PostgreSQL.
         self.wake = bus.work_available if bus is not None else threading.Event()
-        # Before the API serves (its requests would slow the probe) and before the worker is
-        # listed: a cold eta needs its speed.
+        # Before the API serves (its requests would slow it) and before the worker is listed:
+        # a cold eta needs its speed.
         self._probe_speed()
+        self.warmed_up = threading.Event()  # set once run() has warmed up
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
-        for engine in self.engines:
-            if hasattr(engine, "warm_up"):
-                engine.warm_up()
+        try:  # in the thread that runs the jobs: a CPU's thread pools are per thread
+            self._warm_up()
+        except Exception:  # a database down at start: the queue's own jobs measure the speed
+            log.exception("worker %s: warm-up not recorded", self.worker_id)
+        finally:
+            self.warmed_up.set()
         if not self.store.is_sqlite:
             threading.Thread(
                 target=listen_for_jobs,
@@ -124,6 +128,23 @@ class Worker:
         )
         log.debug("worker %s: %.3f s a work unit, probed", self.worker_id, self._seconds_per_unit)
         self._advertise(force=True)
+
+    def _warm_up(self) -> None:
+        """Run the warm-up buckets (the default model's load and a short job, by default), so the
+        first request waits for no load, and record their speed: until jobs have run, eta is
+        priced at it, a real model's speed on this machine as loaded now (jobs.eta)."""
+        warm_up = getattr(self._by_kind.get("text2img"), "warm_up", None)  # text2img buckets
+        for run in warm_up() if warm_up is not None and self.advertised else []:
+            self.store.record_run(
+                run.model_id,
+                run.kind,
+                run.batch_key,
+                run.cost,
+                run.total_steps,
+                {"model_load": run.model_load},
+                run.seconds,
+            )
+        self._advertise(force=True)  # the models it loaded
 
     def give_back_current(self) -> None:
         """Requeue the batch in hand now (the process is about to end before it finishes)."""
