@@ -20,6 +20,7 @@ from sdserve.engine.prompts import ENHANCE_NEGATIVE, ENHANCE_SUFFIX
 from sdserve.jobs.db import ApiKey
 from sdserve.jobs.keys import KeyRing, hash_key
 from sdserve.jobs.store import JobStore
+from sdserve.settings import Settings
 from sdserve.testing import outlives_the_test
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,9 @@ def fresh(tmp_path_factory):
     data = tmp_path_factory.mktemp("fresh")
     cache = tmp_path_factory.mktemp("hub-cache")
     _fake_hub_cache(cache, CACHED_REPO)
-    # Sync wait 0: the answer is `processing`, as on a slow CPU box.
-    env = {"SDSERVE_ADMIN_KEY": "", "HF_HUB_CACHE": str(cache), "SDSERVE_SYNC_WAIT_SECONDS": "0"}
+    # The default warm-up, as `sdserve serve` has it: tiny-sd is built and resident at start.
+    warm_up = Settings.model_fields["warmup_buckets"].default
+    env = {"SDSERVE_ADMIN_KEY": "", "HF_HUB_CACHE": str(cache), "SDSERVE_WARMUP_BUCKETS": warm_up}
     srv = ServerProcess(data, **env).start()
     yield srv
     srv.stop()
@@ -101,7 +103,7 @@ def test_server_start_prints_no_torchvision_lines(fresh):
     key = (fresh.data_dir / "first-key.txt").read_text().strip()
     # a generation loads the engine (transformers, diffusers): where the lines came from
     job = fresh.post("/api/v4/dreambooth", _readme_first_request(key)).json()
-    _wait_success(fresh, key, job["fetch_result"])
+    assert job["status"] == "success", job
     assert "torchvision" not in fresh.log.read_text()
 
 
@@ -119,17 +121,22 @@ def test_readme_first_request_answers_what_the_readme_shows(fresh):
     key = (fresh.data_dir / "first-key.txt").read_text().strip()
     body = _readme_first_request(key)
     answer = fresh.post("/api/v4/dreambooth", body).json()
-    assert answer["status"] == "processing"
-    assert '"status": "processing"' in README
-    for field in ("eta", "fetch_result", "future_links", "id"):
-        assert field in answer and f'"{field}"' in README, field
+    assert answer["status"] == "success" and '"status": "success"' in README
+    assert answer["timings"]["model_load"] < 0.05  # warmed up at start
     # The README says what enhance_prompt did, in the words meta shows.
     expected = f"{body['prompt']}, {ENHANCE_SUFFIX}"
     assert answer["meta"]["prompt"] == expected
     assert f'"prompt": "{expected}"' in README
     assert ENHANCE_NEGATIVE in README
+    assert httpx.get(answer["output"][0], timeout=30).status_code == 200
+    # The same request with instant_response answers `processing` at once, as the README shows.
+    answer = fresh.post("/api/v4/dreambooth", {**body, "instant_response": "yes"}).json()
+    assert answer["status"] == "processing" and '"status": "processing"' in README
+    assert '"instant_response": "yes"' in README
+    for field in ("eta", "fetch_result", "future_links", "id"):
+        assert field in answer and f'"{field}"' in README, field
     done = _wait_success(fresh, key, answer["fetch_result"])
-    assert done["status"] == "success" and '"status": "success"' in README
+    assert done["status"] == "success" and done["output"] == answer["future_links"]
     assert httpx.get(done["output"][0], timeout=30).status_code == 200
 
 
