@@ -84,7 +84,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
-        try:  # in the thread that runs the jobs: a CPU's thread pools are per thread
+        try:  # in the thread that runs the jobs, as they run
             self._warm_up()
         except Exception:  # a database down at start: the queue's own jobs measure the speed
             log.exception("worker %s: warm-up not recorded", self.worker_id)
