@@ -236,3 +236,15 @@ def test_a_job_s_speed_counts_all_its_worker_spent_on_it(url):
     _worker(store, resident=["m"])
     later = _submit(store, "m", 1.0)
     assert _fresh(url).queue_info(later).eta >= 0.5 * ETA_MARGIN
+
+
+def test_a_job_claimed_while_its_answer_is_made_is_counted_once(url):
+    # The worker may claim a job between its insert and its eta (an idle worker, a busy API):
+    # it is then running, not also work ahead of itself.
+    store = _fresh(url)
+    _measure(store, "m", seconds=2.0)  # 1 s a unit
+    _worker(store, resident=["m"])
+    job = _submit(store, "m", 1.0)  # as the API saw it: queued
+    [claimed] = store.claim_batch("w-measure", max_size=1, lease_seconds=30)
+    assert claimed.id == job.id
+    assert _fresh(url).queue_info(job).eta == pytest.approx(2.0 * ETA_MARGIN, abs=0.01)

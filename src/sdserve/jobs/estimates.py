@@ -85,7 +85,7 @@ class Estimates:
             running = s.execute(
                 select(
                     Job.model_id, Job.kind, _ETA_UNITS, Job.step, Job.total_steps, Job.batch_key
-                ).where(Job.status == "processing")
+                ).where(Job.status == "processing", Job.id != job.id)  # claimed since: once
             ).all()
         ahead = [
             Pending(
