@@ -183,15 +183,9 @@ class ImageEngine:
                 # The first run loads the model and pays one-time costs (allocations, kernel
                 # choices: several times a run on a busy CPU); the second is timed as a job is.
                 # All the first cost more than the second is what a cold model costs a job.
-                started = time.perf_counter()
-                for image in self.generate(params, None, None).images:
-                    encode_png(image)
-                timed = time.perf_counter()
-                for image in self.generate(params, None, None).images:
-                    encode_png(image)
-                seconds = time.perf_counter() - timed
-                cold = max(timed - started - seconds, 0.0)
-                log.info("warmed up %s in %.1f s", bucket, time.perf_counter() - started)
+                first, seconds = self._timed_run(params), self._timed_run(params)
+                cold = max(first - seconds, 0.0)
+                log.info("warmed up %s in %.1f s", bucket, first + seconds)
             except Exception:
                 log.exception("warm-up of %s failed", bucket)
                 continue
@@ -207,6 +201,13 @@ class ImageEngine:
                 )
             )
         return runs
+
+    def _timed_run(self, params: ImageParams) -> float:
+        """Seconds to run `params` alone and encode its images, as a job's are."""
+        started = time.perf_counter()
+        for image in self.generate(params, None, None).images:
+            encode_png(image)
+        return time.perf_counter() - started
 
     def generate(
         self,
